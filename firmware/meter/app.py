@@ -1,0 +1,235 @@
+# The meter application: wires the board, the sampler, the metering core, the
+# energy registers, the device identity and the modem into three asyncio
+# tasks.
+#
+#  metering  - never stops: waits for a block of samples, turns it into power
+#              and energy, closes a reading at every interval boundary.
+#  uplink    - signs closed readings (incrementally, between blocks) and sends
+#              them through the modem; keeps them until the modem confirms.
+#  modem     - brings the modem up, joins the network, collects downlinks.
+#
+# Time: the sample clock is the meter's time base. Each block of samples is
+# exactly `block / sample_hz` seconds, so energy and interval boundaries do
+# not depend on how long the CPU took to process them. Wall time starts from
+# the RTC and is kept in seconds since 2000-01-01, a small int on the targets
+# until 2034 (unix seconds no longer fit in 31 bits).
+
+import time
+
+import asyncio
+import machine
+from micropython import const
+
+from meter import config, frame, identity
+from meter.boards import load as load_board
+from meter.log import log
+from meter.metering import Metering
+from meter.sampler import Sampler
+from meter.state import State
+
+_UNIX_2000 = const(946684800)
+_MODEM_POLL_MS = const(200)
+_BACKOFF_MAX_MS = const(60000)
+
+
+def rtc_seconds_2000():
+    dt = machine.RTC().datetime()  # (year, month, day, weekday, h, m, s, subs)
+    t = time.mktime((dt[0], dt[1], dt[2], dt[4], dt[5], dt[6], 0, 0))
+    if time.gmtime(0)[0] != 2000:
+        t -= _UNIX_2000
+    return t
+
+
+class App:
+    def __init__(self, cfg=None, with_modem=True):
+        self.cfg = cfg if cfg is not None else config.load()
+        cfg = self.cfg
+        b = load_board(cfg["board"])
+        self.board = b
+        adc_i = b.make_adc(b.PIN_CT)
+        adc_v = b.make_adc(b.PIN_VT) if cfg["voltage_channel"] else None
+        self.block = b.SAMPLE_HZ // cfg["mains_hz"] * cfg["cycles_per_block"]
+        self.sampler = Sampler(adc_i, adc_v, b.SAMPLE_HZ, self.block, b.TIMER_ID)
+        volts_per_count = b.ADC_VFS / ((1 << b.ADC_BITS) - 1)
+        self.metering = Metering(b.SAMPLE_HZ, cfg["mains_hz"], b.ADC_MID,
+                                 cfg["ct_a_per_v"] * volts_per_count,
+                                 cfg["vt_v_per_v"] * volts_per_count,
+                                 cfg["v_nominal"], b.ADC_NOISE_VAR)
+        self.state = State.load()
+        self.identity = identity.load_or_create()
+        self.observers = []  # callables(record dict), e.g. the console or the simulator
+        self.pending = []  # reading bodies not yet confirmed sent
+        self.stats = {"readings": 0, "sent": 0, "send_failed": 0, "dropped": 0,
+                      "blocks": 0}
+        self.modem = None
+        self.dev_eui = None
+        self.joined = False
+        if with_modem:
+            from meter.modem.rak3172 import Rak3172
+            uart = machine.UART(b.UART_MODEM, baudrate=b.MODEM_BAUD,
+                                tx=machine.Pin(b.PIN_MODEM_TX),
+                                rx=machine.Pin(b.PIN_MODEM_RX), timeout=0)
+            self.modem = Rak3172(uart, log=log)
+        # Wall clock and the interval being accumulated.
+        self.boot_s = rtc_seconds_2000()
+        self.wall_s = self.boot_s
+        self._sub = 0  # samples into the current second
+        self._start_interval(self.wall_s)
+
+    # ------------------------------------------------------------ metering
+
+    def _start_interval(self, start):
+        iv = self.cfg["interval_s"]
+        self._iv_start = start
+        self._iv_end = (start // iv + 1) * iv
+        self._iv_t = 0.0
+        self._iv_irms = 0.0
+        self._iv_vrms = 0.0
+        r = self.state.registers
+        self._iv_e0 = r.import_wh() - r.export_wh()
+
+    def on_block(self, res):
+        """Account one processed block: energy, interval sums, wall time."""
+        self.state.registers.add(res.p_w, res.dt_s)
+        self._iv_t += res.dt_s
+        self._iv_irms += res.irms * res.dt_s
+        self._iv_vrms += res.vrms * res.dt_s
+        self._sub += res.n
+        fs = self.board.SAMPLE_HZ
+        while self._sub >= fs:
+            self._sub -= fs
+            self.wall_s += 1
+        self.stats["blocks"] += 1
+        if self.wall_s >= self._iv_end:
+            self.close_interval(self._iv_end)
+
+    def close_interval(self, t_end):
+        """Snapshot the cumulative registers into a reading frame body."""
+        if self._iv_t <= 0.0:
+            return
+        st = self.state
+        r = st.registers
+        st.seq += 1
+        t = self._iv_t
+        irms = self._iv_irms / t
+        vrms = self._iv_vrms / t
+        e_net = r.import_wh() - r.export_wh()
+        p_w = (e_net - self._iv_e0) * 3600.0 / t
+        flags = frame.FLAG_CLOCK_UNSYNCED
+        if self.cfg["voltage_channel"]:
+            flags |= frame.FLAG_VOLTAGE_MEASURED
+        body = frame.encode_body(
+            st.seq, t_end + _UNIX_2000, t_end - self._iv_start, r.import_dwh,
+            r.export_dwh, int(irms * 100 + 0.5),
+            int(vrms * 10 + 0.5) if self.cfg["voltage_channel"] else 0, flags)
+        st.save()
+        if self.modem is not None:
+            self.pending.append(body)
+        if len(self.pending) > self.cfg["max_pending"]:
+            # The registers are cumulative: a dropped reading loses resolution
+            # in time, never energy.
+            self.pending.pop(0)
+            self.stats["dropped"] += 1
+        self.stats["readings"] += 1
+        record = {
+            "seq": st.seq,
+            "t_end": t_end + _UNIX_2000,
+            "t_s": t_end - self.boot_s,
+            "irms_a": irms,
+            "p_w": p_w,
+            "energy_wh": e_net,
+            "import_wh": r.import_wh(),
+            "export_wh": r.export_wh(),
+        }
+        if self.cfg["voltage_channel"]:
+            record["vrms_v"] = vrms
+        for cb in self.observers:
+            cb(record)
+        self._start_interval(t_end)
+
+    def finish(self):
+        """Power is going away (or a simulation ends): close the partial
+        interval if it spans at least a second, and save the registers."""
+        self.sampler.stop()
+        if self.wall_s > self._iv_start:
+            self.close_interval(self.wall_s)
+        else:
+            self.state.save()
+
+    async def metering_task(self):
+        s = self.sampler
+        m = self.metering
+        s.start()
+        try:
+            while True:
+                off = s.wait_block()
+                res = m.process(s.buf_i, s.buf_v, off, self.block)
+                s.release()
+                self.on_block(res)
+                await asyncio.sleep_ms(0)
+        finally:
+            s.stop()
+
+    # ------------------------------------------------------------- uplink
+
+    async def uplink_task(self):
+        backoff = 1000
+        while True:
+            if not self.pending or not self.joined:
+                await asyncio.sleep_ms(_MODEM_POLL_MS)
+                continue
+            body = self.pending[0]
+            signer = self.identity.signer(frame.signed_message(self.dev_eui, body))
+            while not signer.step():
+                await asyncio.sleep_ms(0)  # let the metering loop take its block
+            data = frame.assemble(body, signer.signature)
+            ok = await self.modem.send(frame.PORT_READING, data, confirmed=self.cfg["confirmed"])
+            if ok:
+                if self.pending and self.pending[0] is body:
+                    self.pending.pop(0)
+                self.stats["sent"] += 1
+                backoff = 1000
+            else:
+                self.stats["send_failed"] += 1
+                log("uplink: send failed, retry in %d ms" % backoff)
+                await asyncio.sleep_ms(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_MS)
+
+    async def modem_task(self):
+        m = self.modem
+        backoff = 1000
+        while not await m.probe():
+            log("modem: no answer, retry in %d ms" % backoff)
+            await asyncio.sleep_ms(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX_MS)
+        self.dev_eui = await m.dev_eui()
+        cfg = self.cfg
+        await m.configure(region=cfg["region"], dr=cfg["dr"],
+                          device_class=cfg["device_class"], confirmed=cfg["confirmed"])
+        backoff = 1000
+        while not await m.join():
+            log("modem: join failed, retry in %d ms" % backoff)
+            await asyncio.sleep_ms(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX_MS)
+        self.joined = True
+        log("modem: joined as %s" % "".join("%02x" % b for b in self.dev_eui))
+        while True:
+            d = m.downlink()
+            if d is not None:
+                log("downlink: port %d, %d bytes" % (d[0], len(d[1])))
+            await asyncio.sleep_ms(_MODEM_POLL_MS)
+
+    async def run(self):
+        tasks = [asyncio.create_task(self.metering_task())]
+        if self.modem is not None:
+            tasks.append(asyncio.create_task(self.modem_task()))
+            tasks.append(asyncio.create_task(self.uplink_task()))
+        # The metering task never returns; if it fails, everything stops
+        # (a watchdog reset on a board) rather than sending stale registers.
+        await tasks[0]
+
+
+def main():
+    app = App()
+    log("meter: %s, public key %s" % (app.board.NAME, "".join("%02x" % b for b in app.identity.public)))
+    asyncio.run(app.run())

@@ -1,0 +1,87 @@
+# The meter's configuration: schema, defaults and validation, in one place.
+#
+# Stored as JSON in config.json on the meter's flash. Every error is
+# reported at once, each naming the key and what was wrong, so a technician
+# fixes a bad file in one go.
+
+import json
+
+from meter import store
+
+PATH = "config.json"
+
+# key: (default, type, low, high) -- low/high bound numbers; for strings the
+# allowed values are listed in CHOICES.
+SCHEMA = {
+    "board": ("esp32", str, None, None),
+    "interval_s": (900, int, 1, 3600),  # reading interval; 900 s in the field
+    "mains_hz": (50, int, 45, 65),
+    "v_nominal": (230.0, float, 90.0, 270.0),
+    "voltage_channel": (False, bool, None, None),
+    "ct_a_per_v": (90.9, float, 1.0, 1000.0),  # SCT013-000 + 22 ohm: 100/0.05/22
+    "vt_v_per_v": (287.5, float, 10.0, 2000.0),  # mains volts per volt at the ADC
+    "cycles_per_block": (10, int, 1, 50),
+    "region": ("EU868", str, None, None),
+    "dr": (5, int, 0, 15),
+    "confirmed": (False, bool, None, None),
+    "device_class": ("A", str, None, None),
+    "max_pending": (96, int, 1, 1000),  # readings held while the radio is down
+}
+
+CHOICES = {
+    "board": ("esp32", "pico"),
+    "region": ("EU868", "US915"),
+    "device_class": ("A", "C"),
+}
+
+
+class ConfigError(ValueError):
+    def __init__(self, errors):
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+def validate(raw):
+    """Return a complete config dict, or raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["config must be a JSON object, got %s" % type(raw).__name__])
+    errors = []
+    cfg = {}
+    for key in raw:
+        if key not in SCHEMA:
+            errors.append("%s: unknown key" % key)
+    for key in SCHEMA:
+        default, typ, lo, hi = SCHEMA[key]
+        if key not in raw:
+            cfg[key] = default
+            continue
+        v = raw[key]
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if typ is int and isinstance(v, bool) or not isinstance(v, typ):
+            errors.append("%s: expected %s, got %r" % (key, typ.__name__, v))
+            continue
+        if lo is not None and (v < lo or v > hi):
+            errors.append("%s: %r outside %r..%r" % (key, v, lo, hi))
+            continue
+        if key in CHOICES and v not in CHOICES[key]:
+            errors.append("%s: %r is not one of %s" % (key, v, ", ".join(CHOICES[key])))
+            continue
+        cfg[key] = v
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load(path=PATH):
+    if not store.exists(path):
+        return validate({})
+    try:
+        raw = json.loads(store.read(path))
+    except ValueError as e:
+        raise ConfigError(["%s: not valid JSON (%s)" % (path, e)])
+    return validate(raw)
+
+
+def save(cfg, path=PATH):
+    store.write_atomic(path, json.dumps(validate(cfg)).encode())

@@ -1,0 +1,42 @@
+# The device's Ed25519 identity.
+#
+# The private seed is generated on the meter at first boot from the hardware
+# random source and stored on its flash; it is never printed, logged or
+# returned by any command. Only the public key leaves the device (for
+# enrollment). Signing is incremental so the metering loop keeps running.
+
+import os
+
+from meter import store
+from meter.crypto import ed25519
+
+KEY_PATH = "device.key"
+PUB_PATH = "device.pub"
+
+
+class Identity:
+    def __init__(self, seed, public):
+        self._seed = seed
+        self.public = public
+
+    def __repr__(self):
+        return "<Identity %s>" % "".join("%02x" % b for b in self.public)
+
+    def signer(self, msg):
+        return ed25519.Signer(self._seed, msg)
+
+
+def load_or_create():
+    if store.exists(KEY_PATH):
+        seed = store.read(KEY_PATH)
+        if len(seed) != 32:
+            raise ValueError("%s is %d bytes, expected 32" % (KEY_PATH, len(seed)))
+    else:
+        seed = os.urandom(32)
+        store.write_atomic(KEY_PATH, seed)
+    if store.exists(PUB_PATH):
+        public = store.read(PUB_PATH)
+    else:
+        public = ed25519.public_key(seed)
+        store.write_atomic(PUB_PATH, public)
+    return Identity(seed, public)

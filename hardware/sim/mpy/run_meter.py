@@ -1,0 +1,115 @@
+# Runs the real firmware in the MicroPython unix port on simulated hardware.
+#
+#   micropython run_meter.py SIM.json
+#
+# SIM.json (written by `meter-sim` / the demo; see docs/simulation.md):
+#   board         "esp32" | "pico"
+#   trace         CSV path (t_s,current_a[,voltage_v])
+#   loop          repeat the trace (default false)
+#   flash         directory that plays the meter's flash filesystem
+#   speed         0 = as fast as possible, else simulated seconds per real second
+#   max_sim_s     stop after this much simulated time (0 = at trace end)
+#   rtc_epoch     unix time the board's RTC holds at boot
+#   config        firmware configuration written to flash/config.json
+#   hardware      overrides of boards_sim values (tolerances, bias...)
+#   modem         null, or {host, port, dev_eui, join_eui, app_key}
+#   emit          "json": print each reading as one JSON line on stdout
+#   stats         also print a final {"stats": ...} line
+#   action        "run" (default) or "keys": create the device key on first
+#                 boot, print {"public_key": hex} and stop (provisioning)
+#
+# Readings go to stdout; the firmware's log goes to stderr.
+
+import sys
+import json
+import os
+
+import simhw
+import sim_machine
+import boards_sim
+
+sys.modules["machine"] = sim_machine
+
+
+def _err(msg):
+    sys.stderr.write(msg + "\n")
+
+
+def main(argv):
+    if len(argv) < 2:
+        _err("usage: micropython run_meter.py SIM.json")
+        sys.exit(2)
+    with open(argv[1]) as f:
+        sim = json.load(f)
+    board = sim["board"]
+    hwc = boards_sim.hardware_for(board, sim.get("hardware"))
+    trace = simhw.TraceSource(sim["trace"], loop=sim.get("loop", False))
+    model = simhw.AdcModel(bits=hwc["adc_bits"], vfs=hwc["adc_vfs"],
+                           noise_lsb=hwc["noise_lsb"], dead_v=hwc["dead_v"],
+                           seed=sim.get("seed", 1))
+    pins = {
+        hwc["pin_ct"]: simhw.FrontEnd("ct", hwc["ct_gain"], hwc["ct_bias_v"]),
+        hwc["pin_vt"]: simhw.FrontEnd("vt", hwc["vt_gain"], hwc["vt_bias_v"]),
+    }
+    uid = sim.get("unique_id")
+    simhw.hw.configure(trace, model, pins, rtc_epoch=sim.get("rtc_epoch", 1767225600),
+                       unique_id=bytes.fromhex(uid) if uid else None)
+    simhw.hw.max_sim_s = sim.get("max_sim_s", 0)
+    simhw.clock.speed = float(sim.get("speed", 0))
+
+    modem = sim.get("modem")
+    if modem:
+        import sim_uart
+        from meter.boards import load
+        b = load(board)
+        sim_uart.attach(b.UART_MODEM, modem["host"], modem["port"], modem["dev_eui"],
+                        modem.get("join_eui", "0000000000000000"),
+                        modem.get("app_key", "00000000000000000000000000000000"))
+
+    flash = sim["flash"]
+    try:
+        os.mkdir(flash)
+    except OSError:
+        pass
+    os.chdir(flash)
+
+    # Imported only now: the firmware must see the simulated `machine`.
+    from meter import config, log as mlog
+    from meter.app import App
+    import asyncio
+
+    mlog.echo = _err
+    if sim.get("action") == "keys":
+        # What a technician's `keys` command does at provisioning: make the
+        # key on first boot, report only the public half.
+        from meter import identity
+        ident = identity.load_or_create()
+        sys.stdout.write(json.dumps({"public_key": "".join("%02x" % b for b in ident.public)}) + "\n")
+        return
+    cfg = dict(sim.get("config") or {})
+    cfg["board"] = board
+    config.save(cfg)
+
+    app = App(config.load(), with_modem=bool(modem))
+    if sim.get("emit") == "json":
+        def emit(rec):
+            sys.stdout.write(json.dumps(rec) + "\n")
+        app.observers.append(emit)
+    mlog.log("sim: %s meter up, public key %s" % (
+        board, "".join("%02x" % b for b in app.identity.public)))
+    try:
+        asyncio.run(app.run())
+    except simhw.TraceEnd:
+        app.finish()
+    if sim.get("stats"):
+        st = dict(app.stats)
+        st["sim_s"] = simhw.clock.now_us / 1000000
+        st["adc_reads"] = simhw.hw.adc_reads
+        st["overruns"] = app.sampler.overruns
+        st["pending"] = len(app.pending)
+        simhw.hw.probe_heap()
+        st["heap_live_peak_bytes"] = simhw.hw.heap_live_peak
+        sys.stdout.write(json.dumps({"stats": st}) + "\n")
+
+
+main(sys.argv)
