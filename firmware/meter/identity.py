@@ -11,19 +11,20 @@ from meter import store
 from meter.crypto import ed25519
 
 KEY_PATH = "device.key"
-PUB_PATH = "device.pub"
 
 
 class Identity:
-    def __init__(self, seed, public):
-        self._seed = seed
-        self.public = public
+    def __init__(self, seed):
+        # The expanded key is kept rather than the seed: each signature then
+        # costs one fixed-base multiplication instead of two.
+        self._key = ed25519.SigningKey(seed)
+        self.public = self._key.public
 
     def __repr__(self):
         return "<Identity %s>" % "".join("%02x" % b for b in self.public)
 
     def signer(self, msg):
-        return ed25519.Signer(self._seed, msg)
+        return self._key.signer(msg)
 
 
 def load_or_create():
@@ -34,9 +35,4 @@ def load_or_create():
     else:
         seed = os.urandom(32)
         store.write_atomic(KEY_PATH, seed)
-    if store.exists(PUB_PATH):
-        public = store.read(PUB_PATH)
-    else:
-        public = ed25519.public_key(seed)
-        store.write_atomic(PUB_PATH, public)
-    return Identity(seed, public)
+    return Identity(seed)
