@@ -1,0 +1,149 @@
+"""Delivers the outbox to the ledger in batches, retrying until it answers.
+
+One thread. It takes the oldest pending readings (up to `batch_size`), posts
+them, and settles each with the ledger's per-reading answer. When the ledger
+is unreachable or fails, the same readings are retried after an exponential
+backoff with jitter; nothing leaves the outbox without an answer. Resending a
+batch whose answer was lost is safe: the ledger answers "duplicate" for what
+it already stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import threading
+import time
+
+from gateway.ledger_client import LedgerClient, LedgerError, LedgerUnavailable
+from gateway.outbox import Outbox, Pending
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 500
+
+
+def backoff_delay(failures: int, base: float, cap: float, rng=random.random) -> float:
+    """Seconds to wait after `failures` consecutive failures (>= 1): doubling
+    from `base`, capped at `cap`, with the upper half randomised so a fleet of
+    gateways does not hammer a recovering ledger in step."""
+    ceiling = min(cap, base * 2 ** min(failures - 1, 30))
+    return ceiling / 2 + rng() * ceiling / 2
+
+
+class Forwarder:
+    def __init__(self, outbox: Outbox, client: LedgerClient, gateway_name: str,
+                 batch_size: int = MAX_BATCH, backoff_base: float = 0.5,
+                 backoff_cap: float = 30.0, idle_poll: float = 1.0):
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be 1..{MAX_BATCH}, got {batch_size}")
+        self._outbox = outbox
+        self._client = client
+        self._name = gateway_name
+        self._batch = batch_size
+        self._base = backoff_base
+        self._cap = backoff_cap
+        self._idle_poll = idle_poll
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Written by the forwarder thread only; read by stats().
+        self.stored = 0
+        self.duplicate = 0
+        self.rejected = 0
+        self.errors = 0
+        self.failures = 0  # consecutive, 0 when the last attempt got an answer
+        self.last_error: str | None = None
+        self.last_success_at: float | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        """New readings were queued: deliver now rather than at the next poll."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delivered = self.deliver_once()
+            except Exception:  # a bug here must not end delivery for good
+                log.exception("forwarder error; retrying")
+                delivered = None
+                self.failures += 1
+            if delivered is None:
+                self._stop.wait(backoff_delay(max(self.failures, 1), self._base, self._cap))
+            elif delivered == 0:
+                self._wake.wait(self._idle_poll)
+                self._wake.clear()
+
+    def deliver_once(self) -> int | None:
+        """Post one batch. Returns how many readings were settled (0: nothing
+        pending), or None when the batch must be retried later."""
+        items = self._outbox.pending(self._batch)
+        if not items:
+            return 0
+        body = [{"dev_eui": it.dev_eui, "frame": base64.b64encode(it.frame).decode(),
+                 "received_at": it.received_at, "gateway": self._name} for it in items]
+        try:
+            results = self._client.post_readings(body)
+        except LedgerError as exc:
+            self.errors += 1
+            self.failures += 1
+            self.last_error = str(exc)
+            # An outage is logged when it starts (and when it ends, below); a
+            # contract error (bad token, wrong URL) on every attempt.
+            if not isinstance(exc, LedgerUnavailable):
+                log.error("%d readings not delivered, will retry: %s", len(items), exc)
+            elif self.failures == 1:
+                log.warning("ledger unreachable, %d readings kept for retry: %s",
+                            len(items), exc)
+            return None
+        if self.failures:
+            log.info("ledger reachable again after %d failed attempts", self.failures)
+        self.failures = 0
+        self.last_error = None
+        self.last_success_at = time.time()
+        return self._settle(items, results)
+
+    def _settle(self, items: list[Pending], results: list[dict]) -> int:
+        done = []
+        settled = 0
+        for item, res in zip(items, results):
+            status = res.get("status")
+            if status in ("stored", "duplicate"):
+                done.append(item.id)
+                if status == "stored":
+                    self.stored += 1
+                else:
+                    self.duplicate += 1
+            elif status == "rejected":
+                reason = str(res.get("reason") or "unspecified")
+                message = str(res.get("message") or "")
+                log.warning("ledger rejected %s seq %d: %s %s", item.dev_eui, item.seq,
+                            reason, message)
+                self._outbox.reject(item, reason, message)
+                self.rejected += 1
+                settled += 1
+            else:
+                # Kept: an answer we do not understand is not an acknowledgement.
+                self.errors += 1
+                log.error("ledger answered status %r for %s seq %d; kept for retry",
+                          status, item.dev_eui, item.seq)
+        self._outbox.acknowledge(done)
+        settled += len(done)
+        if not settled:
+            self.failures += 1
+            return None
+        return settled

@@ -1,0 +1,140 @@
+"""Enrolled device keys: fetched from the ledger, cached on disk.
+
+The ledger is the source of truth (`GET /v1/devices`). The last good answer is
+kept in a JSON file in the state directory so the gateway verifies readings
+from known meters even when it starts while the ledger is unreachable. The
+list is refreshed periodically and, at most once per `unknown_gap` seconds,
+when a device nobody has heard of shows up (it was probably just enrolled).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from gateway.ledger_client import LedgerClient, LedgerError
+
+log = logging.getLogger(__name__)
+
+_DEV_EUI = re.compile(r"[0-9a-f]{16}\Z")
+_PUBLIC_KEY = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def parse_devices(doc: Any) -> tuple[dict[str, bytes], list[str]]:
+    """Keys from a `{"devices": [{"dev_eui", "public_key"}, ...]}` document,
+    and one problem description per entry that was skipped."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("devices"), list):
+        raise ValueError("device list must be an object with a 'devices' array")
+    keys: dict[str, bytes] = {}
+    problems = []
+    for i, entry in enumerate(doc["devices"]):
+        if not isinstance(entry, dict):
+            problems.append(f"devices[{i}] is not an object")
+            continue
+        eui = entry.get("dev_eui")
+        key = entry.get("public_key")
+        eui = eui.lower() if isinstance(eui, str) else eui
+        key = key.lower() if isinstance(key, str) else key
+        if not isinstance(eui, str) or not _DEV_EUI.match(eui):
+            problems.append(f"devices[{i}]: dev_eui {eui!r} is not 16 hex digits")
+        elif not isinstance(key, str) or not _PUBLIC_KEY.match(key):
+            problems.append(f"devices[{i}] ({eui}): public_key is not 64 hex digits")
+        else:
+            keys[eui] = bytes.fromhex(key)
+    return keys, problems
+
+
+def _document(keys: dict[str, bytes]) -> dict[str, Any]:
+    return {"devices": [{"dev_eui": eui, "public_key": key.hex()}
+                        for eui, key in sorted(keys.items())]}
+
+
+class Registry:
+    def __init__(self, client: LedgerClient, cache_path: str | os.PathLike,
+                 refresh_interval: float = 300.0, unknown_gap: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._client = client
+        self._cache = Path(cache_path)
+        self._interval = refresh_interval
+        self._unknown_gap = unknown_gap
+        self._clock = clock
+        self._keys: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._last_attempt: float | None = None
+        self.last_error: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def key_for(self, dev_eui: str) -> bytes | None:
+        return self._keys.get(dev_eui)
+
+    def load_cache(self) -> int:
+        """Load the keys saved by the last successful refresh; returns how many."""
+        try:
+            doc = json.loads(self._cache.read_text())
+            keys, problems = parse_devices(doc)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring device cache %s: %s", self._cache, exc)
+            return 0
+        for p in problems:
+            log.warning("device cache %s: %s", self._cache, p)
+        self._keys = keys
+        return len(keys)
+
+    def refresh(self) -> bool:
+        """Fetch the device list from the ledger; on success replace the keys
+        and the cache. On failure the keys in use stay as they were."""
+        with self._lock:
+            self._last_attempt = self._clock()
+            try:
+                keys, problems = parse_devices(self._client.devices())
+            except (LedgerError, ValueError) as exc:
+                self.last_error = str(exc)
+                log.warning("device list not refreshed: %s", exc)
+                return False
+            for p in problems:
+                log.warning("ledger device list: %s", p)
+            self.last_error = None
+            self.replace(keys)
+            return True
+
+    def replace(self, keys: dict[str, bytes]) -> None:
+        """Use exactly these keys from now on and cache them for the next start."""
+        self._keys = dict(keys)  # one assignment: readers see the old or the new map
+        try:
+            self._save()
+        except OSError as exc:
+            log.warning("device cache %s not written: %s", self._cache, exc)
+
+    def refresh_if_stale(self) -> bool:
+        """Refresh when the keys are older than the refresh interval (failed
+        attempts are retried after the same interval, not in a loop)."""
+        last = self._last_attempt
+        if last is not None and self._clock() - last < self._interval:
+            return False
+        return self.refresh()
+
+    def refresh_for_unknown(self, dev_eui: str) -> bool:
+        """A reading came from a device without a key: refresh unless that was
+        done very recently. True when the device now has a key."""
+        last = self._last_attempt
+        if last is not None and self._clock() - last < self._unknown_gap:
+            return False
+        return self.refresh() and dev_eui in self._keys
+
+    def _save(self) -> None:
+        tmp = self._cache.with_name(self._cache.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(_document(self._keys), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._cache)
