@@ -25,7 +25,19 @@ mosquitto:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; }
 
-deps: $(STAMP) mosquitto
+# Type checking uses pyright (pinned in tools/typecheck/package-lock.json) and
+# one stub folder per board: the ESP32 and RP2 stub packages ship files with
+# the same names, so they cannot share one environment.
+TYPECHECK_STAMP := build/stubs/.stamp
+$(TYPECHECK_STAMP): $(STAMP) tools/typecheck/package-lock.json tools/typecheck/stubs-esp32.txt tools/typecheck/stubs-rp2.txt
+	npm ci --prefix tools/typecheck --no-audit --no-fund --silent
+	for b in esp32 rp2; do \
+	  $(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-user --only-binary :all: \
+	    --require-hashes --upgrade --target build/stubs/$$b -r tools/typecheck/stubs-$$b.txt || exit 1; \
+	done
+	touch $@
+
+deps: $(STAMP) mosquitto $(TYPECHECK_STAMP)
 
 demo: deps
 	$(BIN)/python -m tools.demo --seconds $(DEMO_SECONDS) --meters $(DEMO_METERS)

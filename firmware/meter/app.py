@@ -172,7 +172,7 @@ class App:
 
     # ------------------------------------------------------------- uplink
 
-    async def uplink_task(self):
+    async def uplink_task(self, m):
         backoff = 1000
         while True:
             if not self.pending or not self.joined:
@@ -183,7 +183,7 @@ class App:
             while not signer.step():
                 await asyncio.sleep_ms(0)  # let the metering loop take its block
             data = frame.assemble(body, signer.signature)
-            ok = await self.modem.send(frame.PORT_READING, data, confirmed=self.cfg["confirmed"])
+            ok = await m.send(frame.PORT_READING, data, confirmed=self.cfg["confirmed"])
             if ok:
                 if self.pending and self.pending[0] is body:
                     self.pending.pop(0)
@@ -195,8 +195,7 @@ class App:
                 await asyncio.sleep_ms(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_MS)
 
-    async def modem_task(self):
-        m = self.modem
+    async def modem_task(self, m):
         backoff = 1000
         while not await m.probe():
             log("modem: no answer, retry in %d ms" % backoff)
@@ -221,9 +220,10 @@ class App:
 
     async def run(self):
         tasks = [asyncio.create_task(self.metering_task())]
-        if self.modem is not None:
-            tasks.append(asyncio.create_task(self.modem_task()))
-            tasks.append(asyncio.create_task(self.uplink_task()))
+        m = self.modem
+        if m is not None:
+            tasks.append(asyncio.create_task(self.modem_task(m)))
+            tasks.append(asyncio.create_task(self.uplink_task(m)))
         # The metering task never returns; if it fails, everything stops
         # (a watchdog reset on a board) rather than sending stale registers.
         await tasks[0]
