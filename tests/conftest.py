@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from hardware.sim.modem_sim import ModemSimulator
+# tests/ has no __init__.py, so pytest puts this folder on sys.path to import
+# this file; that is what makes the helper module importable by its bare name.
+from mqtt_tap import MqttTap
 from tools import runtime
 
 
@@ -31,3 +35,37 @@ def broker():
     """A real Mosquitto on a free loopback port."""
     with runtime.Broker() as b:
         yield b
+
+
+@pytest.fixture
+def mqtt_tap(broker):
+    """Factory for MqttTap clients: `mqtt_tap(topic_filter=None, *, application_id=None,
+    client_id=None, port=None)`, on the `broker` fixture unless `port` names another
+    broker. Every client is closed at teardown, before the broker stops."""
+    taps = []
+
+    def connect(topic_filter: str | None = None, *, port: int | None = None, **kw) -> MqttTap:
+        tap = MqttTap(broker.port if port is None else port, topic_filter, **kw)
+        taps.append(tap)
+        return tap
+
+    yield connect
+    for tap in taps:
+        tap.close()
+
+
+@pytest.fixture
+def start_modem_sim(broker):
+    """Factory: `start_modem_sim(application_id, **kw)` starts a ModemSimulator
+    (keyword arguments as its constructor's) on a free port, publishing to the
+    `broker` fixture; every simulator is stopped at teardown."""
+    sims = []
+
+    def start(application_id: str, **kw) -> ModemSimulator:
+        sim = ModemSimulator(0, "127.0.0.1", broker.port, application_id, **kw).start()
+        sims.append(sim)
+        return sim
+
+    yield start
+    for sim in sims:
+        sim.stop()

@@ -3,19 +3,16 @@ simulated UART, against the modem simulator and a real Mosquitto."""
 
 from __future__ import annotations
 
-import base64
+import functools
 import json
 import socket
 import threading
 import time
-import uuid
 
-import paho.mqtt.client as mqtt
 import pytest
 from chirpstack_api import integration
 from google.protobuf import json_format
 
-from hardware.sim.modem_sim import ModemSimulator
 from tools import runtime
 
 APP = "9b0e6f2c-1a3d-4e5f-8a7b-6c5d4e3f2a19"
@@ -52,60 +49,14 @@ def run_driver(port: int, body: str, heapsize: str | None = None, path=None) -> 
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-class Tap:
-    """Events on the broker, and downlink commands into it."""
-
-    def __init__(self, port: int):
-        self.events: list[tuple[str, bytes]] = []
-        done = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        c.on_message = lambda cl, u, msg: self.events.append((msg.topic, msg.payload))
-        c.on_subscribe = lambda *a: done.set()
-        c.connect("127.0.0.1", port)
-        c.subscribe(f"application/{APP}/device/+/event/#", qos=1)
-        c.loop_start()
-        assert done.wait(5)
-        self.client = c
-
-    def down(self, port: int, data: bytes, confirmed=False) -> None:
-        msg = {"devEui": DEV, "confirmed": confirmed, "fPort": port,
-               "data": base64.b64encode(data).decode(), "id": str(uuid.uuid4())}
-        self.client.publish(f"application/{APP}/device/{DEV}/command/down", json.dumps(msg),
-                            qos=1).wait_for_publish(5)
-
-    def of(self, kind: str, n: int, timeout: float = 5.0) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = [p for t, p in self.events if t.endswith("/event/" + kind)]
-            if len(got) >= n or time.monotonic() > deadline:
-                return got
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+@pytest.fixture
+def tap(mqtt_tap):
+    return mqtt_tap(f"application/{APP}/device/+/event/#", application_id=APP)
 
 
 @pytest.fixture
-def tap(broker):
-    t = Tap(broker.port)
-    yield t
-    t.close()
-
-
-@pytest.fixture
-def make_sim(broker):
-    sims = []
-
-    def make(**kw):
-        kw.setdefault("speed", SPEED)
-        sim = ModemSimulator(0, "127.0.0.1", broker.port, APP, **kw).start()
-        sims.append(sim)
-        return sim
-
-    yield make
-    for s in sims:
-        s.stop()
+def make_sim(start_modem_sim):
+    return functools.partial(start_modem_sim, APP, speed=SPEED)
 
 
 def wait_queued(sim, n, timeout=5.0):
@@ -194,9 +145,9 @@ async def main():
 @pytest.mark.parametrize("legacy", [False, True])
 def test_downlinks_in_both_event_formats(make_sim, tap, legacy):
     sim = make_sim(legacy_events=legacy)
-    tap.down(5, b"\xAA\xBB")
-    tap.down(6, b"")
-    tap.down(7, bytes(range(200)), confirmed=True)
+    tap.down(DEV, 5, b"\xAA\xBB")
+    tap.down(DEV, 6, b"")
+    tap.down(DEV, 7, bytes(range(200)), confirmed=True)
     wait_queued(sim, 3)
     res = run_driver(sim.port, """
 async def main():
@@ -223,7 +174,7 @@ async def main():
 @pytest.mark.parametrize("legacy", [False, True])
 def test_class_c_downlink_while_a_command_waits(make_sim, tap, legacy):
     sim = make_sim(legacy_events=legacy)
-    tap.down(9, b"\x01\x00")
+    tap.down(DEV, 9, b"\x01\x00")
     wait_queued(sim, 1)
     res = run_driver(sim.port, """
 async def main():

@@ -19,7 +19,6 @@ import urllib.request
 import uuid
 from collections import Counter
 
-import paho.mqtt.client as mqtt
 import pytest
 from chirpstack_api import integration
 from Crypto.PublicKey import ECC
@@ -93,30 +92,14 @@ def wait_for(predicate, what: str, timeout: float = 20.0, gw: Gateway | None = N
         time.sleep(0.05)
 
 
-class Publisher:
+def chirpstack(mqtt_tap, port: int | None = None):
     """Stands in for ChirpStack's MQTT integration: QoS 1 publishes."""
-
-    def __init__(self, port: int):
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"chirpstack-{uuid.uuid4().hex[:8]}")
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(timeout=10)
-        assert info.is_published()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+    return mqtt_tap(port=port, client_id=f"chirpstack-{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture
-def publisher(broker):
-    pub = Publisher(broker.port)
-    yield pub
-    pub.close()
+def publisher(mqtt_tap):
+    return chirpstack(mqtt_tap)
 
 
 @pytest.fixture
@@ -384,10 +367,11 @@ def test_command_line_daemon_with_token(broker, publisher, tmp_path):
         srv.stop()
 
 
-def test_broker_restart_reconnects_and_resubscribes(broker, ledger, meters, start_gateway):
+def test_broker_restart_reconnects_and_resubscribes(broker, ledger, meters, start_gateway,
+                                                     mqtt_tap):
     m = meters[0]
     gw = start_gateway(ledger.url)
-    first = Publisher(broker.port)
+    first = chirpstack(mqtt_tap)
     first.publish(m.topic, m.uplink(1))
     first.close()
     wait_for(lambda: gw.stats()["verified"] == 1, "the first reading", gw=gw)
@@ -397,7 +381,7 @@ def test_broker_restart_reconnects_and_resubscribes(broker, ledger, meters, star
     wait_for(lambda: not gw.stats()["mqtt_connected"], "the gateway to notice", gw=gw)
     with runtime.Broker(port=port) as again:
         assert gw.wait_ready(20), "gateway did not resubscribe"
-        pub = Publisher(again.port)
+        pub = chirpstack(mqtt_tap, again.port)
         try:
             pub.publish(m.topic, m.uplink(2))
             wait_for(lambda: gw.stats()["verified"] == 2, "a reading after the restart", gw=gw)

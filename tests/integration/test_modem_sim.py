@@ -4,21 +4,19 @@ on one side, ChirpStack v4 integration events and downlink commands on the other
 from __future__ import annotations
 
 import base64
+import functools
 import json
-import queue
 import socket
 import subprocess
 import sys
 import time
 import uuid
 
-import paho.mqtt.client as mqtt
 import pytest
 from chirpstack_api import gw, integration
 from google.protobuf import json_format
 
 from hardware.sim import modem_sim
-from hardware.sim.modem_sim import ModemSimulator
 from tools import runtime
 
 APP = "3f1c2b7a-5d4e-4c8f-9a61-0b2d7e9c4f10"
@@ -26,52 +24,6 @@ DEV = "70b3d57ed0051a01"
 JOIN_EUI = "0000000000000001"
 APP_KEY = "2b7e151628aed2a6abf7158809cf4f3c"
 SPEED = 100.0  # a 5 s join takes 50 ms
-
-
-class EventTap:
-    """Collects everything published under application/{APP}/ on the broker."""
-
-    def __init__(self, port: int):
-        self.q: queue.Queue = queue.Queue()
-        self.kept: list = []
-        self._subscribed = queue.Queue()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        c.on_message = lambda cl, u, m: self.q.put((m.topic, m.payload))
-        c.on_subscribe = lambda *a: self._subscribed.put(True)
-        c.connect("127.0.0.1", port)
-        c.subscribe(f"application/{APP}/#", qos=1)
-        c.loop_start()
-        self._subscribed.get(timeout=5)
-        self.client = c
-
-    def publish_down(self, dev_eui: str, payload) -> None:
-        if not isinstance(payload, (bytes, str)):
-            payload = json.dumps(payload)
-        self.client.publish(f"application/{APP}/device/{dev_eui}/command/down", payload,
-                            qos=1).wait_for_publish(5)
-
-    def wait(self, kind: str, timeout: float = 5.0) -> tuple[str, dict]:
-        """The next event of `kind` (up, join, txack, ack ...): (topic, JSON)."""
-        for i, (topic, payload) in enumerate(self.kept):
-            if topic.endswith(f"/event/{kind}"):
-                del self.kept[i]
-                return topic, payload
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {kind} event within {timeout}s; got {self.kept}")
-            try:
-                topic, payload = self.q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if topic.endswith(f"/event/{kind}"):
-                return topic, payload
-            self.kept.append((topic, payload))
-
-    def close(self) -> None:
-        self.client.disconnect()  # first, so the network thread ends at once
-        self.client.loop_stop()
 
 
 class AtClient:
@@ -129,26 +81,14 @@ class AtClient:
 
 
 @pytest.fixture
-def tap(broker):
-    t = EventTap(broker.port)
-    yield t
-    t.close()
+def tap(mqtt_tap):
+    return mqtt_tap(f"application/{APP}/#", application_id=APP)
 
 
 @pytest.fixture
-def make_sim(broker):
-    sims = []
-
-    def make(**kw):
-        kw.setdefault("speed", SPEED)
-        kw.setdefault("boot_banner", False)  # test_boot_banner_and_injected_lines covers it
-        sim = ModemSimulator(0, "127.0.0.1", broker.port, APP, **kw).start()
-        sims.append(sim)
-        return sim
-
-    yield make
-    for s in sims:
-        s.stop()
+def make_sim(start_modem_sim):
+    # test_boot_banner_and_injected_lines covers the banner; the rest go without.
+    return functools.partial(start_modem_sim, APP, speed=SPEED, boot_banner=False)
 
 
 def wait_until(cond, timeout=5.0):
@@ -389,7 +329,7 @@ def test_bad_commands_get_rui3_errors(make_sim):
     assert sim.counters["overlong_lines"] == 1
 
 
-def test_runs_as_a_process(broker):
+def test_runs_as_a_process(broker, tap):
     port = runtime.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "hardware.sim.modem_sim", "--listen", f"127.0.0.1:{port}",
@@ -399,11 +339,9 @@ def test_runs_as_a_process(broker):
         cwd=runtime.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         runtime.wait_for_port(port)
-        tap = EventTap(broker.port)
         at = AtClient(port)
         at.join()
         assert tap.wait("join")[0] == f"application/{APP}/device/{DEV}/event/join"
-        tap.close()
     finally:
         assert runtime.stop_process(proc) == 0, proc.stderr.read().decode()
 
