@@ -99,7 +99,8 @@ def summary(dep: Deployment, drained: bool, out) -> int:
     check = dep.ledger_check()
     produced = sum(len(v) for v in dep.readings.values())
     enrolled = {m.dev_eui for m in dep.fleet}
-    sent = sum(n for eui, n in dep.network_uplinks.items() if eui in enrolled)
+    sent = sum(n - dep.injected.get(eui, 0) for eui, n in dep.network_uplinks.items()
+               if eui in enrolled)
     print("\nSummary", file=out)
     print("\n".join(_table(dep)), file=out)
     print(f"  readings closed by the meters  {produced}", file=out)

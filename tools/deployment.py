@@ -91,6 +91,7 @@ class Deployment:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self.network_uplinks: dict[str, int] = {}  # dev_eui -> ChirpStack up events seen
+        self.injected: dict[str, int] = {}  # dev_eui -> forged/malformed events we published
         self._observer = None
 
     # ------------------------------------------------------------- start
@@ -237,6 +238,8 @@ class Deployment:
         try:
             for t, payload in msgs:
                 c.publish(t, payload, qos=1).wait_for_publish(timeout=5)
+                eui = t.split("/")[3]
+                self.injected[eui] = self.injected.get(eui, 0) + 1
         finally:
             c.loop_stop()
             c.disconnect()
