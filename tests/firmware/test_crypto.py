@@ -535,22 +535,55 @@ def test_signer_matches_sign_with_the_documented_step_count(ed_run):
         assert got["again"] == [True, got["seed"][1]], n
 
 
-def test_step_counts_where_hashlib_has_sha512():
-    # A port built with hashlib.sha512 takes the other hashing branch. The
-    # module also runs on CPython, whose hashlib has it: same code, same counts.
-    from meter.crypto import ed25519 as cpython_ed25519
-    from meter.crypto import sha512 as cpython_sha512
-
-    assert cpython_sha512.sha512 is hashlib.sha512
-    cpython_ed25519.precompute()
-    for seed, msg in SIGNER_CASES:
-        for key, from_seed in ((seed, True), (cpython_ed25519.SigningKey(seed), False)):
-            signer = cpython_ed25519.Signer(key, msg)
-            while not signer.step():
-                pass
-            assert signer.signature == pycryptodome_sign(seed, msg)[1]
-            assert signer.steps == documented_steps(len(msg), seed=from_seed, first=False,
-                                                    fast_sha=True), len(msg)
+def test_step_counts_where_hashlib_has_sha512(tmp_path):
+    """A port built with hashlib.sha512 takes the other hashing branch. No port here has one,
+    so MicroPython is given a hashlib whose sha512 is the pure implementation, and the
+    crypto modules are imported afresh: the branch runs, with its own step counts."""
+    # A C hashlib object has update() and digest() only: wrap the pure one to look like it.
+    (tmp_path / "hashlib_with_sha512.py").write_text(
+        "from hashlib import *\n"
+        "_impl = None\n"
+        "class sha512:\n"
+        "    def __init__(self, data=b''):\n"
+        "        self._h = _impl(data)\n"
+        "    def update(self, b):\n"
+        "        self._h.update(b)\n"
+        "    def digest(self):\n"
+        "        return self._h.digest()\n")
+    code = """
+import sys, json
+from binascii import hexlify, unhexlify
+sys.path.insert(0, %r)
+from meter.crypto.sha512 import PureSha512
+import hashlib_with_sha512
+hashlib_with_sha512._impl = PureSha512
+sys.modules["hashlib"] = hashlib_with_sha512
+del sys.modules["meter.crypto.sha512"]
+__import__("meter.crypto.sha512")
+__import__("meter.crypto.ed25519")
+sha512 = sys.modules["meter.crypto.sha512"]
+ed25519 = sys.modules["meter.crypto.ed25519"]
+assert sha512.sha512 is hashlib_with_sha512.sha512, "the hashlib branch was not taken"
+ed25519.precompute()
+out = []
+for seed_hex, msg_hex in json.loads(sys.stdin.read()):
+    seed, msg = unhexlify(seed_hex), unhexlify(msg_hex)
+    row = []
+    for key in (seed, ed25519.SigningKey(seed)):
+        s = ed25519.Signer(key, msg)
+        while not s.step():
+            pass
+        row.append([hexlify(s.signature).decode(), s.steps])
+    out.append(row)
+print(json.dumps(out))
+""" % str(tmp_path)
+    got = run_mpy(code, [[seed.hex(), msg.hex()] for seed, msg in SIGNER_CASES])
+    for (seed, msg), row in zip(SIGNER_CASES, got, strict=True):
+        want = pycryptodome_sign(seed, msg)[1].hex()
+        (sig_seed, steps_seed), (sig_key, steps_key) = row
+        assert sig_seed == want and sig_key == want, len(msg)
+        assert steps_seed == documented_steps(len(msg), seed=True, first=False, fast_sha=True)
+        assert steps_key == documented_steps(len(msg), seed=False, first=False, fast_sha=True)
 
 
 def test_two_signers_in_progress_do_not_disturb_each_other(ed_run):
