@@ -1,7 +1,8 @@
 # Two commands on a fresh Debian machine:
 #   make demo   installs everything it needs and runs the simulated deployment
 #   make test   runs the whole test suite
-# Also: make bench (benchmarks -> bench/results.json), make deps, make clean.
+# Also: make bench (benchmarks -> bench/results.json, includes the accuracy
+# report), make accuracy (docs/accuracy.md), make deps, make clean.
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ DEMO_METERS ?= 3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: deps mosquitto demo test bench firmware-check clean
+.PHONY: deps mosquitto demo test bench accuracy firmware-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,10 @@ test: deps firmware-check
 
 bench: deps
 	$(BIN)/python -m tools.bench
+
+# The metering accuracy report: docs/accuracy.md and docs/accuracy.png.
+accuracy: deps
+	$(BIN)/python -m tools.accuracy
 
 clean:
 	rm -rf build run bench/results.json bench/results.md .pytest_cache

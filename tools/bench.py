@@ -10,6 +10,7 @@ Keys:
   e2e.readings_per_s             readings stored in the ledger per second of wall time,
                                  demo path with 50 simulated meters
   e2e.meters                     meters in that run
+  metering.*                     the accuracy report's keys (tools/accuracy.py, docs/accuracy.md)
 
 Tests assert behaviour; the numbers live here.
 """
@@ -95,11 +96,11 @@ def write(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["size", "hour", "e2e"], action="append")
+    p.add_argument("--only", choices=["size", "hour", "e2e", "accuracy"], action="append")
     p.add_argument("--e2e-meters", type=int, default=50)
     p.add_argument("--e2e-seconds", type=float, default=60.0)
     args = p.parse_args(argv)
-    want = set(args.only or ["size", "hour", "e2e"])
+    want = set(args.only or ["size", "hour", "e2e", "accuracy"])
     path = BENCH_DIR / "results.json"
     results = json.loads(path.read_text()) if path.exists() and args.only else {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             results.update(bench_firmware_hour(tmpd))
         if "e2e" in want:
             results.update(bench_e2e(tmpd, args.e2e_meters, args.e2e_seconds))
+        if "accuracy" in want:
+            from tools import accuracy
+            results.update(accuracy.run())
     write(results)
     return 0
 

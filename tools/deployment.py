@@ -166,7 +166,7 @@ class Deployment:
         return SimMeter(board=m.board, trace=self.trace_path(m),
                         flash=self.workdir / "flash" / m.name,
                         config={"interval_s": self.interval_s, "voltage_channel": m.voltage,
-                                "dr": 5},
+                                "expect_export": m.kind == "pv", "dr": 5},
                         speed=self.speed, modem=modem, rtc_epoch=RTC_EPOCH,
                         seed=int(m.dev_eui[-4:], 16) + 1)
 
@@ -175,7 +175,7 @@ class Deployment:
             with self._lock:
                 if "stats" in rec:
                     self.meter_stats[name] = rec["stats"]
-                else:
+                elif "seq" in rec:
                     self.readings[name].append(rec)
 
     def _observe_network(self) -> None:

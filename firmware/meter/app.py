@@ -15,12 +15,13 @@
 # until 2034 (unix seconds no longer fit in 31 bits).
 
 import time
+from math import sqrt
 
 import asyncio
 import machine
 from micropython import const
 
-from meter import config, frame, identity
+from meter import adc, calibration, config, ctmodels, frame, identity
 from meter.boards import load as load_board
 from meter.log import log
 from meter.metering import Metering
@@ -47,16 +48,19 @@ class App:
         cfg = self.cfg
         b = load_board(cfg["board"])
         self.board = b
+        self.has_v = cfg["voltage_channel"]
         adc_i = b.make_adc(b.PIN_CT)
-        adc_v = b.make_adc(b.PIN_VT) if cfg["voltage_channel"] else None
-        self.block = b.SAMPLE_HZ // cfg["mains_hz"] * cfg["cycles_per_block"]
-        self.sampler = Sampler(adc_i, adc_v, b.SAMPLE_HZ, self.block, b.TIMER_ID)
-        volts_per_count = b.ADC_VFS / ((1 << b.ADC_BITS) - 1)
-        self.metering = Metering(b.SAMPLE_HZ, cfg["mains_hz"], b.ADC_MID,
-                                 cfg["ct_a_per_v"] * volts_per_count,
-                                 cfg["vt_v_per_v"] * volts_per_count,
-                                 cfg["v_nominal"], b.ADC_NOISE_VAR)
-        self.state = State.load()
+        adc_v = b.make_adc(b.PIN_VT) if self.has_v else None
+        lut = adc.dnl_table(b.ADC_DNL_WIDTH) if b.ADC_DNL_WIDTH else None
+        # Blocks of about 100 ms: short enough for a responsive loop, long
+        # enough that per-block overhead stays small.
+        self.block = int(b.SAMPLE_HZ) // 10
+        self.sampler = Sampler(adc.reader(adc_i, b.ADC_READ),
+                               adc.reader(adc_v, b.ADC_READ) if adc_v is not None else None,
+                               b.SAMPLE_HZ, self.block, b.TIMER_ID, b.ADC_SHIFT, lut)
+        self.cal = calibration.load()
+        self.metering = self._make_metering()
+        self.state = State.load(b.energy_store())
         self.identity = identity.load_or_create()
         self.observers = []  # callables(record dict), e.g. the console or the simulator
         self.pending = []  # reading bodies not yet confirmed sent
@@ -74,56 +78,91 @@ class App:
         # Wall clock and the interval being accumulated.
         self.boot_s = rtc_seconds_2000()
         self.wall_s = self.boot_s
-        self._sub = 0  # samples into the current second
+        self._sub_us = 0  # sample-clock microseconds into the current second
+        self._dropped_seen = 0
         self._start_interval(self.wall_s)
 
     # ------------------------------------------------------------ metering
+
+    def _make_metering(self):
+        b = self.board
+        cfg = self.cfg
+        cal = self.cal
+        model = ctmodels.MODELS[cfg["ct_model"]]
+        a_per_v = ctmodels.amps_per_volt(cfg["ct_model"], cfg["burden_ohm"] or b.BURDEN_OHM)
+        noise = cal["noise_var"] if cal["noise_var"] >= 0.0 else b.ADC_NOISE_VAR
+        max_dev = max(b.ADC_MID, b.ADC_MAX - b.ADC_MID) + 4 * b.ADC_DNL_WIDTH
+        return Metering(b.SAMPLE_HZ, cfg["mains_hz"], b.ADC_MID, b.ADC_MID,
+                        a_per_v * b.ADC_UNIT_V, cfg["vt_v_per_v"] * b.ADC_UNIT_V,
+                        cfg["v_nominal"], noise, max_dev, b.ADC_LIN_LO, b.ADC_LIN_HI,
+                        ct_table=model["table"], table_hz=50, pair_us=b.ADC_PAIR_US,
+                        vt_lead_deg=b.VT_PHASE_DEG, phase_cal_deg=cal["phase_deg"],
+                        cycles=cfg["window_cycles"],
+                        gain_i=cal["gain_i"], gain_v=cal["gain_v"], i_start=cfg["i_start_a"],
+                        expect_export=cfg["expect_export"], i_max=1.25 * model["rated_a"])
+
+    def apply_calibration(self, cal):
+        """Store a new calibration and meter with it from the next window on."""
+        calibration.save(cal)
+        self.cal = cal
+        m = self._make_metering()
+        old = self.metering
+        # Keep the interval being accumulated and the frequency estimate.
+        m.iv_t, m.iv_i2, m.iv_v2, m.iv_p, m.iv_s, m.iv_hz, m.iv_status = (
+            old.iv_t, old.iv_i2, old.iv_v2, old.iv_p, old.iv_s, old.iv_hz, old.iv_status)
+        m.f_est = old.f_est
+        self.metering = m
 
     def _start_interval(self, start):
         iv = self.cfg["interval_s"]
         self._iv_start = start
         self._iv_end = (start // iv + 1) * iv
-        self._iv_t = 0.0
-        self._iv_irms = 0.0
-        self._iv_vrms = 0.0
         r = self.state.registers
         self._iv_e0 = r.import_wh() - r.export_wh()
+        self.metering.reset_interval()
 
-    def on_block(self, res):
-        """Account one processed block: energy, interval sums, wall time."""
-        self.state.registers.add(res.p_w, res.dt_s)
-        self._iv_t += res.dt_s
-        self._iv_irms += res.irms * res.dt_s
-        self._iv_vrms += res.vrms * res.dt_s
-        self._sub += res.n
-        fs = self.board.SAMPLE_HZ
-        while self._sub >= fs:
-            self._sub -= fs
+    def on_block(self, n):
+        """Account one block of n samples (already processed) plus any the
+        sampler had to skip: wall time, and energy for the skipped time at the
+        latest window's power."""
+        period = self.board.SAMPLE_PERIOD_US
+        dropped = self.sampler.dropped - self._dropped_seen
+        if dropped:
+            self._dropped_seen += dropped
+            w = self.metering.window
+            self.state.registers.add(w.p_w, dropped * period / 1000000)
+            n += dropped
+        # Whole microseconds of sample clock: exact, and small ints.
+        self._sub_us += n * period
+        while self._sub_us >= 1000000:
+            self._sub_us -= 1000000
             self.wall_s += 1
         self.stats["blocks"] += 1
+        self.state.tick(self.wall_s)
         if self.wall_s >= self._iv_end:
             self.close_interval(self._iv_end)
 
     def close_interval(self, t_end):
         """Snapshot the cumulative registers into a reading frame body."""
-        if self._iv_t <= 0.0:
+        m = self.metering
+        t = m.iv_t
+        if t <= 0.0:
             return
         st = self.state
         r = st.registers
         st.seq += 1
-        t = self._iv_t
-        irms = self._iv_irms / t
-        vrms = self._iv_vrms / t
+        irms = sqrt(m.iv_i2 / t)
+        vrms = sqrt(m.iv_v2 / t)
         e_net = r.import_wh() - r.export_wh()
         p_w = (e_net - self._iv_e0) * 3600.0 / t
-        flags = frame.FLAG_CLOCK_UNSYNCED
-        if self.cfg["voltage_channel"]:
+        flags = frame.FLAG_CLOCK_UNSYNCED | m.iv_status
+        if self.has_v:
             flags |= frame.FLAG_VOLTAGE_MEASURED
         body = frame.encode_body(
             st.seq, t_end + _UNIX_2000, t_end - self._iv_start, r.import_dwh,
             r.export_dwh, int(irms * 100 + 0.5),
-            int(vrms * 10 + 0.5) if self.cfg["voltage_channel"] else 0, flags)
-        st.save()
+            int(vrms * 10 + 0.5) if self.has_v else 0, flags)
+        st.save(self.wall_s)
         if self.modem is not None:
             self.pending.append(body)
         if len(self.pending) > self.cfg["max_pending"]:
@@ -141,9 +180,12 @@ class App:
             "energy_wh": e_net,
             "import_wh": r.import_wh(),
             "export_wh": r.export_wh(),
+            "hz": m.iv_hz / t,
+            "flags": frame.flag_names(flags),
         }
-        if self.cfg["voltage_channel"]:
+        if self.has_v:
             record["vrms_v"] = vrms
+            record["pf"] = m.iv_p / m.iv_s if m.iv_s > 0.0 else 1.0
         for cb in self.observers:
             cb(record)
         self._start_interval(t_end)
@@ -155,18 +197,18 @@ class App:
         if self.wall_s > self._iv_start:
             self.close_interval(self.wall_s)
         else:
-            self.state.save()
+            self.state.save(self.wall_s)
 
     async def metering_task(self):
         s = self.sampler
-        m = self.metering
+        regs = self.state.registers
         s.start()
         try:
             while True:
                 off = s.wait_block()
-                res = m.process(s.buf_i, s.buf_v, off, self.block)
+                self.metering.process(s.buf_i, s.buf_v, off, self.block, regs)
                 s.release()
-                self.on_block(res)
+                self.on_block(self.block)
                 await asyncio.sleep_ms(0)
         finally:
             s.stop()

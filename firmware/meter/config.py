@@ -18,9 +18,12 @@ SCHEMA = {
     "mains_hz": (50, int, 45, 65),
     "v_nominal": (230.0, float, 90.0, 270.0),
     "voltage_channel": (False, bool, None, None),
-    "ct_a_per_v": (90.9, float, 1.0, 1000.0),  # SCT013-000 + 22 ohm: 100/0.05/22
-    "vt_v_per_v": (287.5, float, 10.0, 2000.0),  # mains volts per volt at the ADC
-    "cycles_per_block": (10, int, 1, 50),
+    "ct_model": ("SCT013-000", str, None, None),  # meter/ctmodels.py
+    "burden_ohm": (0.0, float, 0.0, 1000.0),  # 0: the board's burden (external-burden models)
+    "vt_v_per_v": (383.3, float, 10.0, 2000.0),  # mains volts per volt at the ADC (ZMPT101B trimmed to 0.6 V at 230 V)
+    "i_start_a": (0.04, float, 0.0, 5.0),  # starting current: below it, no current and no energy
+    "expect_export": (False, bool, None, None),  # False: negative real power flags a reversed clamp
+    "window_cycles": (10, int, 2, 50),  # mains cycles per metering window
     "region": ("EU868", str, None, None),
     "dr": (5, int, 0, 15),
     "confirmed": (False, bool, None, None),
@@ -30,6 +33,7 @@ SCHEMA = {
 
 CHOICES = {
     "board": ("esp32", "pico"),
+    "ct_model": ("SCT013-000", "SCT013-030", "SCT013-050", "SCT013-100"),
     "region": ("EU868", "US915"),
     "device_class": ("A", "C"),
 }

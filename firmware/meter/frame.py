@@ -42,7 +42,24 @@ FLAG_VOLTAGE_MEASURED = 0x01  # power is real power from a voltage channel
 FLAG_CT_MISSING = 0x02  # no clamp or an open input was detected
 FLAG_CT_REVERSED = 0x04  # clamp mounted backwards (negative power seen)
 FLAG_CLOCK_UNSYNCED = 0x08  # t_end comes from the free-running clock
-_FLAGS_KNOWN = 0x0F
+FLAG_CLIPPED = 0x10  # samples outside the ADC's linear range, or current above 125 % of the clamp's rating
+FLAG_FREQ_RANGE = 0x20  # mains frequency outside +-5 % of nominal
+FLAG_ADC_FAULT = 0x40  # ADC stuck: no variation at all
+_FLAGS_KNOWN = 0x7F
+
+FLAG_NAMES = (
+    (FLAG_VOLTAGE_MEASURED, "voltage_measured"),
+    (FLAG_CT_MISSING, "ct_missing"),
+    (FLAG_CT_REVERSED, "ct_reversed"),
+    (FLAG_CLOCK_UNSYNCED, "clock_unsynced"),
+    (FLAG_CLIPPED, "clipped"),
+    (FLAG_FREQ_RANGE, "freq_range"),
+    (FLAG_ADC_FAULT, "adc_fault"),
+)
+
+
+def flag_names(flags):
+    return [name for bit, name in FLAG_NAMES if flags & bit]
 
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFFFFFF

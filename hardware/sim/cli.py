@@ -44,7 +44,10 @@ def _replay(args) -> int:
             print(hdr)
         for rec in m.lines():
             if "stats" in rec:
-                stats = rec["stats"]
+                stats.update(rec["stats"])
+                continue
+            if "boot" in rec or "power_cut" in rec:
+                stats.update(rec)
                 continue
             if args.json:
                 print(json.dumps(rec), flush=True)
@@ -58,6 +61,19 @@ def _replay(args) -> int:
             return 1
         if args.stats:
             print(json.dumps({"stats": stats}), file=sys.stderr)
+    return 0
+
+
+def _calibrate(args) -> int:
+    cfg = {"voltage_channel": args.voltage}
+    m = SimMeter(board=args.board, trace=Path(args.trace), flash=Path(args.flash), config=cfg)
+    try:
+        cal = m.calibrate(known_w=args.known_w, known_a=args.known_a, known_v=args.known_v,
+                          resistive=not args.not_resistive, seconds=args.seconds)
+    except RuntimeError as e:
+        print(f"meter-sim: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(cal))
     return 0
 
 
@@ -75,9 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--flash", help="keep the meter's flash in this directory (default: temporary)")
     r.add_argument("--max-sim-s", type=float, default=0.0, help="stop after this much trace time")
     r.add_argument("--stats", action="store_true", help="print the simulator's counters to stderr")
+    c = sub.add_parser("calibrate", help="one-point calibration with the known load in a trace")
+    c.add_argument("--trace", required=True, help="CSV of the known load, steady")
+    c.add_argument("--board", required=True, choices=BOARDS)
+    c.add_argument("--flash", required=True, help="the meter's flash directory (keeps the result)")
+    c.add_argument("--known-w", type=float, default=0.0, help="the load's real power in W")
+    c.add_argument("--known-a", type=float, default=0.0, help="or its current in A")
+    c.add_argument("--known-v", type=float, default=0.0, help="mains voltage from a reference meter")
+    c.add_argument("--not-resistive", action="store_true", help="the load's PF is not 1")
+    c.add_argument("--voltage", action="store_true", help="the meter has the voltage module")
+    c.add_argument("--seconds", type=float, default=10.0, help="seconds of metering to average")
     args = p.parse_args(argv)
     if args.cmd == "replay":
         return _replay(args)
+    if args.cmd == "calibrate":
+        return _calibrate(args)
     return 2
 
 

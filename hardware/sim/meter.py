@@ -47,6 +47,7 @@ class SimMeter:
     seed: int = 1
     heapsize: str | None = None
     stats: bool = True
+    power_cut: bool = False
     proc: subprocess.Popen | None = None
     stderr_path: Path | None = None
 
@@ -71,6 +72,7 @@ class SimMeter:
             "config": self.config,
             "emit": "json",
             "stats": self.stats,
+            "power_cut": self.power_cut,
         }
         if self.hardware:
             d["hardware"] = self.hardware
@@ -104,15 +106,19 @@ class SimMeter:
         self.proc.wait()
 
     def run(self) -> tuple[list[dict], dict]:
-        """Run to completion; return (readings, stats). Raises with the firmware's own
-        log when MicroPython exits with an error."""
+        """Run to completion; return (readings, stats). stats also carries the "boot"
+        registers and, with power_cut, the "power_cut" registers. Raises with the
+        firmware's own log when MicroPython exits with an error."""
         self.start()
-        readings, stats = [], {}
+        readings, stats, extra = [], {}, {}
         for rec in self.lines():
             if "stats" in rec:
                 stats = rec["stats"]
+            elif "boot" in rec or "power_cut" in rec:
+                extra.update(rec)
             else:
                 readings.append(rec)
+        stats.update(extra)
         if self.proc.returncode != 0:
             raise RuntimeError(f"firmware exited {self.proc.returncode}:\n{self.log_tail()}")
         return readings, stats
@@ -121,6 +127,24 @@ class SimMeter:
         if self.stderr_path and self.stderr_path.exists():
             return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-n:])
         return ""
+
+    def calibrate(self, known_w: float = 0.0, known_a: float = 0.0, known_v: float = 0.0,
+                  resistive: bool = True, seconds: float = 10.0) -> dict:
+        """One-point calibration with the known load the trace holds; the firmware stores the
+        result on the meter's flash, so later runs on the same flash are calibrated."""
+        self.flash.mkdir(parents=True, exist_ok=True)
+        desc = self.sim_description()
+        desc["action"] = "calibrate"
+        desc["calibrate"] = {"known_w": known_w, "known_a": known_a, "known_v": known_v,
+                             "resistive": resistive, "seconds": seconds}
+        sim_path = self.flash.parent / f"{self.flash.name}.cal.json"
+        sim_path.write_text(json.dumps(desc))
+        res = runtime.run_micropython(RUN_METER, str(sim_path), timeout=300)
+        if res.returncode != 0:
+            err = (res.stderr.decode() + res.stdout.decode()).strip().splitlines()
+            raise RuntimeError("calibration failed: " + (err[-1] if err else f"exit {res.returncode}"))
+        out = [json.loads(x) for x in res.stdout.decode().splitlines() if x.strip()]
+        return out[-1]["calibration"]
 
     def provision_key(self) -> bytes:
         """First boot at provisioning: the firmware creates its key on the meter and reports

@@ -192,7 +192,7 @@ def test_bad_input_is_counted_never_stored_and_processing_goes_on(
         (a.topic, a.event(a.sign(2) + b"\x00"), "oversized"),
         (a.topic, a.event(b"\x21" + a.sign(2)[1:]), "version"),
         (a.topic, a.event(b"\x12" + a.sign(2)[1:]), "type"),
-        (a.topic, a.event(a.sign(2)[:23] + b"\x40" + a.sign(2)[24:]), "field"),
+        (a.topic, a.event(a.sign(2)[:23] + b"\x80" + a.sign(2)[24:]), "field"),  # unknown flag bit
         (stranger.topic, stranger.uplink(1), "unknown_device"),
         (a.topic, a.event(a.sign(2)[:-1] + bytes([a.sign(2)[-1] ^ 1])), "bad_signature"),
         (a.topic, a.event(b.sign(2), dev_eui=a.dev_eui), "bad_signature"),  # B's frame as A

@@ -15,8 +15,13 @@
 #   modem         null, or {host, port, dev_eui, join_eui, app_key}
 #   emit          "json": print each reading as one JSON line on stdout
 #   stats         also print a final {"stats": ...} line
-#   action        "run" (default) or "keys": create the device key on first
-#                 boot, print {"public_key": hex} and stop (provisioning)
+#   power_cut     at the end of the trace (or max_sim_s) the power goes:
+#                 nothing is saved; prints {"power_cut": registers in RAM}
+#   action        "run" (default); "keys": create the device key on first
+#                 boot, print {"public_key": hex} and stop (provisioning);
+#                 "calibrate": one-point calibration on the trace's load,
+#                 with "calibrate": {known_w | known_a, known_v, resistive,
+#                 seconds, settle_s}; prints {"calibration": {...}}
 #
 # Readings go to stdout; the firmware's log goes to stderr.
 
@@ -26,9 +31,13 @@ import os
 
 import simhw
 import sim_machine
+import sim_esp32
+import sim_rp2
 import boards_sim
 
 sys.modules["machine"] = sim_machine
+sys.modules["esp32"] = sim_esp32
+sys.modules["rp2"] = sim_rp2
 
 
 def _err(msg):
@@ -44,16 +53,11 @@ def main(argv):
     board = sim["board"]
     hwc = boards_sim.hardware_for(board, sim.get("hardware"))
     trace = simhw.TraceSource(sim["trace"], loop=sim.get("loop", False))
-    model = simhw.AdcModel(bits=hwc["adc_bits"], vfs=hwc["adc_vfs"],
-                           noise_lsb=hwc["noise_lsb"], dead_v=hwc["dead_v"],
-                           seed=sim.get("seed", 1))
-    pins = {
-        hwc["pin_ct"]: simhw.FrontEnd("ct", hwc["ct_gain"], hwc["ct_bias_v"]),
-        hwc["pin_vt"]: simhw.FrontEnd("vt", hwc["vt_gain"], hwc["vt_bias_v"]),
-    }
     uid = sim.get("unique_id")
-    simhw.hw.configure(trace, model, pins, rtc_epoch=sim.get("rtc_epoch", 1767225600),
-                       unique_id=bytes.fromhex(uid) if uid else None)
+    boards_sim.setup(simhw.hw, hwc, trace, seed=sim.get("seed", 1),
+                     rtc_epoch=sim.get("rtc_epoch", 1767225600),
+                     unique_id=bytes.fromhex(uid) if uid else None,
+                     mains_hz=(sim.get("config") or {}).get("mains_hz", 50))
     simhw.hw.max_sim_s = sim.get("max_sim_s", 0)
     simhw.clock.speed = float(sim.get("speed", 0))
 
@@ -91,7 +95,39 @@ def main(argv):
     config.save(cfg)
 
     app = App(config.load(), with_modem=bool(modem))
+    if sim.get("action") == "calibrate":
+        # What the technician's `cal` command does: a known load runs, the
+        # firmware's calibrator watches the metering windows, the result is
+        # stored on the meter's flash.
+        from meter.calibration import Calibrator
+        c = sim["calibrate"]
+        cb = Calibrator(app.cal, known_w=c.get("known_w", 0.0), known_a=c.get("known_a", 0.0),
+                        known_v=c.get("known_v", 0.0), resistive=c.get("resistive", True))
+        settle = c.get("settle_s", 1.0)
+
+        def watch(w):
+            if simhw.clock.now_us >= settle * 1000000:
+                cb.add(w, app.has_v)
+        app.metering.on_window = watch
+        simhw.hw.max_sim_s = settle + c.get("seconds", 10.0)
+        try:
+            asyncio.run(app.run())
+        except simhw.TraceEnd:
+            pass
+        from meter.calibration import CalibrationError
+        try:
+            cal = cb.result()
+        except CalibrationError as e:
+            _err("calibration refused: %s" % e)
+            sys.exit(1)
+        app.apply_calibration(cal)
+        sys.stdout.write(json.dumps({"calibration": cal}) + "\n")
+        return
+    r = app.state.registers
+    boot = {"boot": {"seq": app.state.seq, "import_wh": r.import_wh(), "export_wh": r.export_wh()}}
     if sim.get("emit") == "json":
+        sys.stdout.write(json.dumps(boot) + "\n")
+
         def emit(rec):
             sys.stdout.write(json.dumps(rec) + "\n")
         app.observers.append(emit)
@@ -100,12 +136,28 @@ def main(argv):
     try:
         asyncio.run(app.run())
     except simhw.TraceEnd:
-        app.finish()
+        if sim.get("power_cut"):
+            # The supply is gone: no chance to save anything. Report what
+            # the meter held in RAM, for the tests to compare after reboot.
+            r = app.state.registers
+            sys.stdout.write(json.dumps({"power_cut": {
+                "seq": app.state.seq, "import_wh": r.import_wh(),
+                "export_wh": r.export_wh()}}) + "\n")
+        else:
+            app.finish()
     if sim.get("stats"):
         st = dict(app.stats)
         st["sim_s"] = simhw.clock.now_us / 1000000
         st["adc_reads"] = simhw.hw.adc_reads
         st["overruns"] = app.sampler.overruns
+        st["samples_dropped"] = app.sampler.dropped
+        st["samples_taken"] = app.sampler.taken
+        st["cpu_us"] = simhw.hw.cpu_us
+        st["irq_late"] = simhw.hw.late_fired
+        log = app.state.log
+        if log is not None:
+            st["log_writes"] = log.writes
+            st["log_erases"] = log.erases
         st["pending"] = len(app.pending)
         simhw.hw.probe_heap()
         st["heap_live_peak_bytes"] = simhw.hw.heap_live_peak

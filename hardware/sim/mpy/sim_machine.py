@@ -87,6 +87,13 @@ def _pin_id(pin):
 
 
 class ADC:
+    """machine.ADC of the ESP32 and rp2 ports, on the board's simulated ADC.
+
+    ESP32: atten() picks the input range (ATTN_0DB is the port's default),
+    read_u16() is the raw conversion scaled to 16 bits, read_uv() the
+    eFuse-calibrated microvolts (whole millivolts, as the port returns them).
+    rp2: no attenuation; read_u16() is raw * 65535 // 4095; no read_uv()."""
+
     ATTN_0DB = 0
     ATTN_2_5DB = 1
     ATTN_6DB = 2
@@ -95,24 +102,27 @@ class ADC:
 
     def __init__(self, pin, atten=None):
         self._pin = _pin_id(pin)
-        self._atten = atten
+        self._atten = atten if atten is not None else 0
 
     def atten(self, a):
+        if not 0 <= a <= 3:
+            raise ValueError("invalid attenuation %r" % (a,))
         self._atten = a
 
     def width(self, w):
         pass
 
     def read_u16(self):
-        # Ports scale the 12-bit conversion to 16 bits this way.
-        c = hw.read_code(self._pin)
+        c = hw.read_code(self._pin, self._atten)
+        if hw.adc_model.u16_scaled:
+            return c * 65535 // 4095
         return (c << 4) | (c >> 8)
 
     def read(self):
-        return hw.read_code(self._pin)
+        return hw.read_code(self._pin, self._atten)
 
     def read_uv(self):
-        return hw.code_to_uv(hw.read_code(self._pin))
+        return hw.read_uv(self._pin, self._atten)
 
 
 class Timer:
