@@ -286,6 +286,24 @@ def write_report(points, shapes, loads, days, keys, cals, quick) -> None:
         lines.append(f"| {d['board']} | {'voltage' if d['voltage'] else 'current'} | "
                      f"{d['ref_wh']:.2f} | {d['meter_wh']:.2f} | {d['err_pct']:+.3f} | "
                      f"{d['coverage_pct']:.2f} |")
+    lines += ["", "## What this shows and what it does not", "",
+              "- The simulated clamp follows the SCT013-000 characterisation in "
+              "hardware/designs.json, and the firmware corrects with the same table "
+              "(firmware/meter/ctmodels.py): the sweep shows the correction, the windows, the "
+              "arithmetic and the ADC handling work when the model is right. A real clamp "
+              "differs from its model by more than the simulated unit's tolerances do; "
+              "one-point calibration removes the gain and phase part of that, not a different "
+              "shape of the error curve.",
+              "- The small-current points of the Pico with the voltage channel lean negative: "
+              "at 0.5-1 % of rating the current is a few LSB, near the RP2040's noise.",
+              "- No load reads 0 A: after the noise is removed in quadrature what is left is "
+              "below the starting current (0.04 A), which, as in a class-1 meter, registers "
+              "nothing.",
+              "- Sampling coverage is what the simulator's CPU model gives with its slowdown "
+              "estimates (30x ESP32, 60x RP2040 relative to this host); rates and coverage on "
+              "real boards have not been measured.",
+              "- The day is time-compressed (24 hours in 12 minutes): the shape and the "
+              "appliance events are real, the duration is not."]
     lines += ["", "## Calibration found", "", "| meter | gain_i | gain_v | phase_deg |",
               "|---|---:|---:|---:|"]
     for name, c in cals.items():
