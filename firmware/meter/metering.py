@@ -189,6 +189,10 @@ class Metering:
             if self._n >= self._win_len:
                 self._close_window(registers, bv is not None)
 
+    # The per-sample loops below are the meter's hot path: each variant does
+    # only what its case needs (with or without the crossing detector, with
+    # or without the voltage channel) rather than testing per sample.
+
     def _chunk_i(self, bi, k, stop):
         mid = self.mid_i
         sx = 0
