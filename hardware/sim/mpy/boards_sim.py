@@ -43,9 +43,7 @@ def load_designs(path=None):
 
 
 # Keys computed from others: overriding them would contradict their sources.
-_DERIVED = ("board", "adc", "ct_gain", "vt_gain", "ct_bias_v", "vt_bias_v", "adc_vfs",
-            "adc_bits", "dead_v", "ct_v_per_a", "ct_output", "ct_rated_a", "ct_turns",
-            "bias_v")
+_DERIVED = ("board", "adc", "ct_v_per_a", "ct_output", "ct_rated_a", "ct_turns", "bias_v")
 
 
 def _ct_keys(d, name):
@@ -127,27 +125,12 @@ def hardware_for(board, overrides=None):
 
 
 def _derive(hw):
-    # This unit's volts at the ADC pin per primary ampere, and the older flat
-    # keys (an ideal front end) kept for callers that build simhw.FrontEnd.
+    # This unit's volts at the ADC pin per primary ampere.
     if hw["ct_output"] == "voltage":
-        v_per_a = d_v_per_a = load_designs()["ct_models"][hw["ct_model"]]["v_per_a"]
+        v_per_a = load_designs()["ct_models"][hw["ct_model"]]["v_per_a"]
     else:
-        d_v_per_a = hw["burden_ohm"] / hw["ct_turns"]
-        v_per_a = d_v_per_a * (1.0 + hw["burden_error_pct"] / 100.0)
+        v_per_a = hw["burden_ohm"] / hw["ct_turns"] * (1.0 + hw["burden_error_pct"] / 100.0)
     hw["ct_v_per_a"] = v_per_a * (1.0 + hw["ct_gain_error_pct"] / 100.0)
-    hw["ct_gain"] = d_v_per_a
-    hw["vt_gain"] = hw["vt_v_per_v"]
-    hw["ct_bias_v"] = hw["vt_bias_v"] = hw["bias_v"]
-    m = load_designs()["adc_models"][hw["adc"]]
-    hw["adc_bits"] = m["bits"]
-    if m["kind"] == "esp32":
-        a = m["atten"][hw["adc_atten"]]
-        lsb = m["vref_mv"] * a["scale"] / 65536.0 / 4096.0
-        hw["adc_vfs"] = (a["offset_mv"] + 4095 * lsb) / 1000.0
-        hw["dead_v"] = a["offset_mv"] / 1000.0
-    else:
-        hw["adc_vfs"] = m["vref_v"]
-        hw["dead_v"] = 0.0
 
 
 def build_adc(hwc, seed=1):

@@ -278,19 +278,8 @@ class TraceSource:
         the end of the trace. The hot path: one row per call."""
         if self.end_us is not None:
             return False
-        line = self._f.readline()
-        if line:
-            self._line += 1
-            parts = line.split(",")
-            try:
-                t = float(parts[0])
-                i = float(parts[1])
-                v = float(parts[2]) if self.has_voltage else 0.0
-            except (ValueError, IndexError):
-                if line.strip():
-                    raise self._bad(line)
-                return self.load()  # a blank line
-            self.rows += 1
+        t, i, v = self._next_row()
+        if t is not None:
             self._push(t, i, v)
             return True
         if not self.loop:
@@ -490,21 +479,6 @@ class Grounded(_Cursor):
         return 0.0
 
 
-class FrontEnd:
-    """An ideal front end (no clamp errors, no phase): volts = bias + x * gain,
-    x the trace's current ('ct') or voltage ('vt')."""
-
-    def __init__(self, kind, gain, bias_v):
-        self.kind = kind
-        self.gain = gain
-        self.bias_v = bias_v
-        self.trace = None  # set by Hardware.configure
-
-    def volts(self, t_us):
-        i, v = self.trace.at(t_us / 1000000.0)
-        return self.bias_v + (i if self.kind == "ct" else v) * self.gain
-
-
 # ------------------------------------------------------------------- ADCs
 
 def _noise_table(noise_lsb, seed):
@@ -520,40 +494,6 @@ def _noise_table(noise_lsb, seed):
             acc += rng / 0x7FFFFFFF
         table[k] = (acc - 1.5) * 2.0 * noise_lsb
     return table
-
-
-class AdcModel:
-    """An ideal 12-bit ADC: full-scale voltage, noise, clipping, optional dead
-    zone near 0 V. read_uv is the plain scale (no calibration)."""
-
-    u16_scaled = False
-
-    def __init__(self, bits=12, vfs=3.3, noise_lsb=0.5, dead_v=0.0, seed=1):
-        self.bits = bits
-        self.max_code = (1 << bits) - 1
-        self.vfs = vfs
-        self.noise_lsb = noise_lsb
-        self.dead_v = dead_v
-        self.conversion_us = 0
-        self._noise = _noise_table(noise_lsb, seed) if noise_lsb else None
-        self._ni = 0
-
-    def convert(self, volts, atten=0):
-        if volts <= self.dead_v:
-            return 0
-        x = volts / self.vfs * self.max_code
-        if self.noise_lsb:
-            x += self._noise[self._ni]
-            self._ni = (self._ni + 1) % _NOISE_TABLE
-        code = int(x + 0.5)
-        if code < 0:
-            return 0
-        if code > self.max_code:
-            return self.max_code
-        return code
-
-    def read_uv(self, code, atten=0):
-        return int(code * self.vfs / self.max_code * 1000000)
 
 
 class _Esp32Range:
@@ -764,7 +704,7 @@ class Hardware:
 
     def __init__(self):
         self.trace = None
-        self.adc_model = AdcModel(noise_lsb=0.0)  # until configure() fits the board's
+        self.adc_model = None  # the board's ADC, set by configure()
         self.pins = {}  # pin id -> channel (volts(t_us))
         self.timers = []
         self.adc_reads = 0
@@ -801,19 +741,13 @@ class Hardware:
         self.trace = trace
         self.adc_model = adc_model
         self.pins = pins
-        for ch in pins.values():
-            if isinstance(ch, FrontEnd):
-                ch.trace = trace
         if rtc_epoch is not None:
             self.rtc_epoch = rtc_epoch
         if unique_id is not None:
             self.unique_id = unique_id
         if cpu_slowdown is not None:
             self.cpu_slowdown = float(cpu_slowdown)
-        if read_us is not None:
-            self.read_us = read_us
-        else:
-            self.read_us = getattr(adc_model, "conversion_us", 0)
+        self.read_us = read_us or 0
 
     def read_code(self, pin_id, atten=0):
         self.adc_reads += 1
@@ -832,9 +766,6 @@ class Hardware:
         if self.read_us:
             clock.now_us += self.read_us
         return m.read_uv(code, atten)
-
-    def code_to_uv(self, code, atten=0):
-        return self.adc_model.read_uv(code, atten)
 
     def probe_heap(self):
         gc.collect()
