@@ -1,92 +1,195 @@
-"""The shared frame codec, in CPython and in MicroPython, against the same vectors."""
+"""The shared frame codec (docs/protocol.md), in CPython and in MicroPython, against the
+vectors in tests/vectors/frames.json and against layouts written out by hand here."""
 
 import json
+import random
+import struct
+from pathlib import Path
 
 import pytest
+from Crypto.Signature import eddsa
 
 from meter import frame
+from tools import frame_vectors
 
-VECTOR = dict(seq=7, t_end=1_767_225_600, interval_s=900, import_dwh=123_456,
-              export_dwh=42, irms_ca=1234, vrms_dv=2301, flags=frame.FLAG_VOLTAGE_MEASURED)
-
-
-def test_body_layout_is_big_endian_and_fixed():
-    body = frame.encode_body(**VECTOR)
-    assert len(body) == frame.BODY_LEN == 24
-    assert body[0] == 0x11  # version 1, type reading
-    assert body[1:5] == (7).to_bytes(4, "big")
-    assert body[5:9] == (1_767_225_600).to_bytes(4, "big")
-    assert body[9:11] == (900).to_bytes(2, "big")
-    assert body[11:15] == (123_456).to_bytes(4, "big")
-    assert body[15:19] == (42).to_bytes(4, "big")
-    assert body[19:21] == (1234).to_bytes(2, "big")
-    assert body[21:23] == (2301).to_bytes(2, "big")
-    assert body[23] == 1
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "frames.json").read_text())
+EUI = bytes.fromhex(VECTORS["dev_eui"])
+CMD_KEY = bytes.fromhex(VECTORS["command_key"])
 
 
-def test_roundtrip():
-    body = frame.encode_body(**VECTOR)
-    sig = bytes(range(64))
-    r = frame.decode(frame.assemble(body, sig))
-    assert r.as_dict() == VECTOR
-    assert r.signature == sig and r.body == body
-    assert r.import_wh == pytest.approx(12345.6)
+def _tuples(readings):
+    return [(r["seq"], r["t_end"], r["import_dwh"], r["export_dwh"], r["flags"]) for r in readings]
 
 
-@pytest.mark.parametrize("mutate,reason", [
-    (lambda f: b"", "empty"),
-    (lambda f: f[:-1], "truncated"),
-    (lambda f: f + b"\0", "oversized"),
-    (lambda f: b"\x21" + f[1:], "version"),
-    (lambda f: b"\x12" + f[1:], "type"),
-    (lambda f: f[:23] + b"\x80" + f[24:], "field"),
-])
-def test_malformed_frames_have_precise_reasons(mutate, reason):
-    good = frame.assemble(frame.encode_body(**VECTOR), bytes(64))
+def test_vectors_file_is_current():
+    assert frame_vectors.main(["--check"]) == 0
+
+
+def test_worked_example_of_the_protocol_page_byte_by_byte():
+    readings = [(100, 1_767_226_500, 12345, 0, 8), (101, 1_767_227_400, 14845, 0, 8),
+                (102, 1_767_228_300, 17345, 0, 8)]
+    body = frame.encode_body(readings)
+    want = (bytes([0x11, 3]) + struct.pack(">IIII", 100, 1_767_226_500, 12345, 0) + b"\x08"
+            + bytes([0x08, 0x84, 0x07, 0xC4, 0x13, 0x00]) * 2)
+    assert body == want and len(body) == 31
+    assert len(frame.assemble(body, bytes(64))) == 95
+
+
+@pytest.mark.parametrize("v", VECTORS["bundles"], ids=lambda v: v["name"])
+def test_bundle_vectors_decode_and_verify(v):
+    data = bytes.fromhex(v["hex"])
+    b = frame.decode_bundle(data)
+    assert [r.as_dict() for r in b.readings] == v["readings"]
+    assert frame.encode_body(_tuples(v["readings"])) == b.body
+    pub = eddsa.import_public_key(bytes.fromhex(VECTORS["public_key"]))
+    eddsa.new(pub, "rfc8032").verify(frame.signed_message(EUI, b.body), b.signature)
+    pieces = [frame.decode_fragment(bytes.fromhex(h)) for h in v["fragments_51"]]
+    if len(data) <= 51:
+        assert v["fragments_51"] == [v["hex"]]
+    else:
+        assert all(len(bytes.fromhex(h)) <= 51 for h in v["fragments_51"])
+        random.Random(1).shuffle(pieces)
+        assert frame.reassemble(pieces) == data
+
+
+@pytest.mark.parametrize("v", VECTORS["invalid_uplinks"], ids=lambda v: v["name"])
+def test_invalid_vectors_have_precise_reasons(v):
     with pytest.raises(frame.FrameError) as exc:
-        frame.decode(mutate(good))
-    assert exc.value.reason == reason
-    assert str(exc.value)
+        frame.decode_uplink(bytes.fromhex(v["hex"]))
+    assert exc.value.reason == v["reason"] and str(exc.value)
 
 
-def test_encode_rejects_out_of_range():
-    with pytest.raises(frame.FrameError, match="seq"):
-        frame.encode_body(**{**VECTOR, "seq": -1})
-    with pytest.raises(frame.FrameError, match="import_dwh"):
-        frame.encode_body(**{**VECTOR, "import_dwh": 1 << 32})
+@pytest.mark.parametrize("v", VECTORS["commands"], ids=lambda v: v["name"])
+def test_command_vectors(v):
+    data = bytes.fromhex(v["hex"])
+    c = frame.decode_command(CMD_KEY, EUI, data)
+    assert (c.counter, c.expires, c.name, list(c.args)) == (v["counter"], v["expires"], v["op"],
+                                                           v["args"])
+    head = data[:-8]
+    import hashlib
+    import hmac
+    assert data[-8:] == hmac.new(CMD_KEY, b"SMC1" + EUI + head, hashlib.sha256).digest()[:8]
 
 
-def test_instantaneous_values_saturate():
-    r = frame.decode(frame.assemble(frame.encode_body(**{**VECTOR, "irms_ca": 70_000}), bytes(64)))
-    assert r.irms_ca == 0xFFFF
+def test_command_is_bound_to_key_device_and_every_byte():
+    data = frame.encode_command(CMD_KEY, EUI, 9, 0, frame.OP_RELAY, frame.RELAY_OFF, 60)
+    for bad_key, bad_eui in ((bytes(16), EUI), (CMD_KEY, bytes(8))):
+        with pytest.raises(frame.FrameError) as exc:
+            frame.decode_command(bad_key, bad_eui, data)
+        assert exc.value.reason == "auth"
+    for i in range(len(data)):
+        for bit in (0x01, 0x80):
+            mutated = bytearray(data)
+            mutated[i] ^= bit
+            with pytest.raises(frame.FrameError):
+                frame.decode_command(CMD_KEY, EUI, bytes(mutated))
 
 
-def test_signed_message_binds_device():
-    body = frame.encode_body(**VECTOR)
-    a = frame.signed_message(bytes.fromhex("0011223344556677"), body)
-    b = frame.signed_message(bytes.fromhex("0011223344556678"), body)
-    assert a != b and a.startswith(frame.SIGN_DOMAIN) and a.endswith(body)
+def test_longest_command_fits_the_smallest_downlink():
+    longest = max(len(frame.encode_command(CMD_KEY, EUI, 1, 0, op, *args)) for op, args in (
+        (frame.OP_RELAY, (1, 0)), (frame.OP_INTERVAL, (900,)), (frame.OP_TIME, (1,)),
+        (frame.OP_RESEND, (1, 1))))
+    assert longest == 24 <= 51
+
+
+def test_bundles_refuse_what_cannot_share_a_signature():
+    ok = (1, 1000, 10, 0, 0)
+    for nxt, what in (((3, 2000, 20, 0, 0), "consecutive"), ((2, 1000, 20, 0, 0), "t_end"),
+                      ((2, 2000, 9, 0, 0), "backwards")):
+        assert not frame.can_follow(ok, nxt)
+        with pytest.raises(frame.FrameError, match=what):
+            frame.encode_body([ok, nxt])
+    assert frame.can_follow(ok, (2, 1001, 10, 0, 0))
     with pytest.raises(frame.FrameError):
-        frame.signed_message(b"\x00" * 7, body)
+        frame.encode_body([])
+    with pytest.raises(frame.FrameError):
+        frame.encode_body([(k, 10 * k + 10, 0, 0, 0) for k in range(33)])
+    with pytest.raises(frame.FrameError, match="seq"):
+        frame.encode_body([(1 << 32, 1, 0, 0, 0)])
 
 
-def test_micropython_encodes_the_same_bytes(mpy):
-    """The meter (MicroPython) and the gateway (CPython) must agree byte for byte."""
+def test_random_bundles_roundtrip_and_every_fragmentation_reassembles():
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randint(1, 32)
+        seq, t, imp, exp = rng.randrange(1 << 31), rng.randrange(1 << 31), rng.randrange(1 << 30), 0
+        readings = []
+        for _k in range(n):
+            readings.append((seq, t, imp, exp, rng.randrange(256)))
+            seq, t = seq + 1, t + rng.choice((1, 60, 900, 3600, 100_000))
+            imp += rng.choice((0, 1, 127, 128, 2500, 16384, 1 << 21))
+            exp += rng.choice((0, 0, 5, 300_000))
+        data = frame.assemble(frame.encode_body(readings), rng.randbytes(64))
+        b = frame.decode_bundle(data)
+        assert [(r.seq, r.t_end, r.import_dwh, r.export_dwh, r.flags) for r in b.readings] == readings
+        for mp in (51, 53, 115, 222):
+            frames = frame.fragment(data, mp)
+            assert all(len(f) <= mp for f in frames)
+            if len(frames) > 1:
+                pieces = [frame.decode_fragment(f) for f in frames]
+                rng.shuffle(pieces)
+                assert frame.reassemble(pieces) == data
+
+
+def test_fragments_of_different_bundles_do_not_mix():
+    a = bytes.fromhex(VECTORS["bundles"][0]["fragments_51"][0])
+    b = bytes.fromhex(VECTORS["bundles"][2]["fragments_51"][1])
+    with pytest.raises(frame.FrameError) as exc:
+        frame.reassemble([frame.decode_fragment(a), frame.decode_fragment(b)])
+    assert exc.value.reason == "fragment"
+    with pytest.raises(frame.FrameError) as exc:
+        frame.reassemble([frame.decode_fragment(a)])
+    assert exc.value.reason == "fragment"
+
+
+def test_random_mutations_never_crash_the_decoder():
+    rng = random.Random(3)
+    good = [bytes.fromhex(v["hex"]) for v in VECTORS["bundles"]]
+    for _ in range(3000):
+        d = bytearray(rng.choice(good))
+        for _k in range(rng.randint(1, 4)):
+            op = rng.randrange(3)
+            if op == 0 and d:
+                d[rng.randrange(len(d))] = rng.randrange(256)
+            elif op == 1 and d:
+                del d[rng.randrange(len(d)):]
+            else:
+                d += rng.randbytes(rng.randint(1, 8))
+        try:
+            frame.decode_uplink(bytes(d))
+        except frame.FrameError as exc:
+            assert exc.reason in ("empty", "version", "type", "truncated", "oversized", "field")
+
+
+def test_micropython_matches_every_vector(mpy):
+    """The meter (MicroPython) and the gateway (CPython) agree byte for byte."""
     out = mpy(
         "import json, binascii\n"
         "from meter import frame\n"
-        f"v = json.loads({json.dumps(json.dumps(VECTOR))})\n"
-        "b = frame.encode_body(v['seq'], v['t_end'], v['interval_s'], v['import_dwh'],"
-        " v['export_dwh'], v['irms_ca'], v['vrms_dv'], v['flags'])\n"
-        "print(binascii.hexlify(b).decode())\n"
-        "r = frame.decode(b + bytes(64))\n"
-        "print(json.dumps(r.as_dict()))\n"
-        "try:\n"
-        "    frame.decode(b)\n"
-        "except frame.FrameError as e:\n"
-        "    print(e.reason)\n"
+        f"V = json.loads({json.dumps(json.dumps(VECTORS))})\n"
+        "eui = binascii.unhexlify(V['dev_eui']); key = binascii.unhexlify(V['command_key'])\n"
+        "res = {'bodies': [], 'decoded': [], 'frags': [], 'cmds': [], 'reasons': []}\n"
+        "for v in V['bundles']:\n"
+        "    rs = [(r['seq'], r['t_end'], r['import_dwh'], r['export_dwh'], r['flags']) for r in v['readings']]\n"
+        "    data = binascii.unhexlify(v['hex'])\n"
+        "    res['bodies'].append(binascii.hexlify(frame.encode_body(rs)).decode())\n"
+        "    res['decoded'].append([r.as_dict() for r in frame.decode_bundle(data).readings])\n"
+        "    res['frags'].append([binascii.hexlify(f).decode() for f in frame.fragment(data, 51)])\n"
+        "ops = dict((n, o) for o, n in frame.OP_NAMES.items())\n"
+        "for c in V['commands']:\n"
+        "    res['cmds'].append(binascii.hexlify(frame.encode_command(key, eui, c['counter'], c['expires'], ops[c['op']], *c['args'])).decode())\n"
+        "for v in V['invalid_uplinks']:\n"
+        "    try:\n"
+        "        frame.decode_uplink(binascii.unhexlify(v['hex']))\n"
+        "        res['reasons'].append(None)\n"
+        "    except frame.FrameError as e:\n"
+        "        res['reasons'].append(e.reason)\n"
+        "print(json.dumps(res))\n"
     )
-    hexbody, decoded, reason = out.splitlines()
-    assert bytes.fromhex(hexbody) == frame.encode_body(**VECTOR)
-    assert json.loads(decoded) == VECTOR
-    assert reason == "truncated"
+    res = json.loads(out.strip().splitlines()[-1])
+    for v, body, dec, frags in zip(VECTORS["bundles"], res["bodies"], res["decoded"], res["frags"]):
+        assert v["hex"].startswith(body) and len(v["hex"]) == len(body) + 128
+        assert dec == v["readings"]
+        assert frags == v["fragments_51"]
+    assert res["cmds"] == [c["hex"] for c in VECTORS["commands"]]
+    assert res["reasons"] == [v["reason"] for v in VECTORS["invalid_uplinks"]]
