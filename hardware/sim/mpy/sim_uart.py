@@ -4,8 +4,12 @@
 # Runs in the MicroPython unix port as part of the simulated hardware, never on
 # a meter. The harness calls attach() before the firmware starts, saying where
 # the modem simulator listens and which modem chip (DevEUI, JoinEUI, AppKey)
-# sits on that UART; the first line on the connection tells the simulator the
-# same thing. The firmware never sees that line.
+# sits on that UART, and which AT dialect it speaks; the first line on the
+# connection tells the simulator the same thing. When the simulated board
+# (simhw) is loaded, a `#SIM-TIME <unix>` line before each command line gives
+# the simulator the true time outside the board, which the network answers a
+# DeviceTimeReq with. The firmware never sees these lines: they only go
+# modem-ward.
 #
 # Behaves like machine.UART with timeout=0: every call returns at once. A
 # simulator that goes away leaves a silent UART, as a modem without power
@@ -36,19 +40,29 @@ _TCP_NODELAY = 1
 _RX_LIMIT = 8192  # beyond this the "FIFO" overflows and new bytes are dropped
 _SEND_TRIES = 200  # bounded retries of a full socket buffer (about 0.2 s)
 
+try:
+    from simhw import true_unix as _true_unix
+except ImportError:  # not on the simulated board: no time stamps
+    _true_unix = None
+
+DIALECTS = ("rak3172", "wioe5")
+
 _attached = {}
 
 
-def attach(uart_id, host, port, dev_eui_hex, join_eui_hex, app_key_hex):
+def attach(uart_id, host, port, dev_eui_hex, join_eui_hex, app_key_hex, dialect="rak3172"):
     """Wire UART `uart_id` to the modem simulator at host:port, as the modem
-    chip with these identities. Called by the harness before the firmware runs."""
+    chip with these identities speaking `dialect` (rak3172 or wioe5). Called by
+    the harness before the firmware runs."""
     for name, value, n in (("dev_eui_hex", dev_eui_hex, 16),
                            ("join_eui_hex", join_eui_hex, 16),
                            ("app_key_hex", app_key_hex, 32)):
         if len(value) != n or not _is_hex(value):
             raise ValueError("sim_uart.attach: %s must be %d hex digits, got %r" % (name, n, value))
+    if dialect not in DIALECTS:
+        raise ValueError("sim_uart.attach: dialect %r, want one of %s" % (dialect, DIALECTS))
     _attached[uart_id] = (host, int(port), dev_eui_hex.lower(), join_eui_hex.lower(),
-                          app_key_hex.lower())
+                          app_key_hex.lower(), dialect)
 
 
 def detach(uart_id):
@@ -81,8 +95,9 @@ class TcpUart:
         self.id = id
         self.baudrate = baudrate
         self.timeout = timeout
-        self._host, self._port, dev_eui, join_eui, app_key = cfg
+        self._host, self._port, dev_eui, join_eui, app_key, dialect = cfg
         self._rx = bytearray()
+        self._bol = True  # the next byte written starts a line
         self._sock = None
         self.connected = False
         self.overruns = 0  # bytes dropped because the receive buffer was full
@@ -102,8 +117,8 @@ class TcpUart:
             _warn("UART(%r): no modem simulator at %s:%d (%s); the UART stays silent"
                   % (id, self._host, self._port, e))
             return
-        self._send(("#SIM-ATTACH deveui=%s joineui=%s appkey=%s\r\n"
-                    % (dev_eui, join_eui, app_key)).encode())
+        self._send(("#SIM-ATTACH deveui=%s joineui=%s appkey=%s dialect=%s\r\n"
+                    % (dev_eui, join_eui, app_key, dialect)).encode())
 
     def init(self, baudrate=115200, timeout=None, **kw):
         self.baudrate = baudrate
@@ -212,8 +227,27 @@ class TcpUart:
     def write(self, buf):
         # A real UART clocks the bytes out whether or not anyone listens.
         if self._sock is not None:
-            self._send(buf)
+            if _true_unix is None:
+                self._send(buf)
+            else:
+                self._send_stamped(buf)
         return len(buf)
+
+    def _send_stamped(self, buf):
+        """Send buf, putting a #SIM-TIME line before each line it starts (the
+        firmware may write a command and its line end in separate calls)."""
+        buf = buf.encode() if isinstance(buf, str) else bytes(buf)
+        start = 0
+        n = len(buf)
+        while start < n:
+            i = buf.find(b"\n", start)
+            end = n if i < 0 else i + 1
+            piece = buf[start:end]
+            if self._bol and piece.strip():
+                self._send(("#SIM-TIME %.3f\r\n" % _true_unix()).encode())
+            self._send(piece)
+            self._bol = i >= 0
+            start = end
 
     def flush(self):
         pass

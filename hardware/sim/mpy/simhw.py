@@ -865,6 +865,17 @@ class Hardware:
 hw = Hardware()
 
 
+def true_unix():
+    """The true (UTC) unix time now, as the world outside the board sees it:
+    the board's counter runs `hw.clock_ppm` fast, so true elapsed time is its
+    reading divided by (1 + ppm). The network's DeviceTimeAns answers with
+    this, not with the host clock. Both attributes are optional on `hw`
+    (defaults: the RTC's boot epoch, a perfect crystal)."""
+    epoch = getattr(hw, "true_epoch", hw.rtc_epoch)
+    ppm = getattr(hw, "clock_ppm", 0)
+    return epoch + ticks_us() / 1000000.0 / (1.0 + ppm * 1e-6)
+
+
 class SimTimer:
     def __init__(self, owner):
         self.owner = owner
