@@ -1,18 +1,19 @@
 # The meter application: wires the board, the sampler, the metering core, the
-# energy registers, the device identity and the modem into three asyncio
-# tasks.
+# energy registers, the device identity and the radio into asyncio tasks.
 #
 #  metering  - never stops: waits for a block of samples, turns it into power
-#              and energy, closes a reading at every interval boundary.
-#  uplink    - signs closed readings (incrementally, between blocks) and sends
-#              them through the modem; keeps them until the modem confirms.
-#  modem     - brings the modem up, joins the network, collects downlinks.
+#              and energy, closes a reading at every interval boundary and
+#              hands it to the radio side (stored in the flash outbox first).
+#  uplink    - meter/uplink.py: bundles and signs readings (in slices, between
+#              blocks), sends them, keeps the clock synced, runs commands.
 #
 # Time: the sample clock is the meter's time base. Each block of samples is
 # exactly `block / sample_hz` seconds, so energy and interval boundaries do
 # not depend on how long the CPU took to process them. Wall time starts from
-# the RTC and is kept in seconds since 2000-01-01, a small int on the targets
-# until 2034 (unix seconds no longer fit in 31 bits).
+# the RTC, is set from the network (DeviceTimeReq) or a command, corrected for
+# the crystal's measured drift between syncs, and kept in seconds since
+# 2000-01-01, a small int on the targets until 2034 (unix seconds no longer
+# fit in 31 bits).
 
 import time
 from math import sqrt
@@ -29,9 +30,9 @@ from meter.sampler import Sampler
 from meter.state import State
 
 _UNIX_2000 = const(946684800)
-_MODEM_POLL_MS = const(200)
-_BACKOFF_MAX_MS = const(60000)
-_SIGN_SLICE_MS = const(20)  # a tenth of a 10-cycle block at 50 Hz
+_STEP_S = const(10)  # a clock correction larger than this closes the interval
+_DRIFT_MIN_S = const(3600)  # measure drift over at least an hour between syncs
+_DRIFT_MAX_PPM = const(500)  # a crystal worse than this is broken, not drifting
 
 
 def rtc_seconds_2000():
@@ -63,22 +64,37 @@ class App:
         self.state = State.load(b.energy_store())
         self.identity = identity.load_or_create()
         self.observers = []  # callables(record dict), e.g. the console or the simulator
-        self.pending = []  # reading bodies not yet confirmed sent
-        self.stats = {"readings": 0, "sent": 0, "send_failed": 0, "dropped": 0,
-                      "blocks": 0}
+        self.stats = {"readings": 0, "blocks": 0}
         self.modem = None
-        self.dev_eui = None
-        self.joined = False
+        self.uplink = None
+        self.relay = None
+        self.relay_mode = None
         if with_modem:
-            from meter.modem.rak3172 import Rak3172
+            from meter.modem import make
+            from meter.outbox import Outbox
+            from meter.uplink import Uplink
             uart = machine.UART(b.UART_MODEM, baudrate=b.MODEM_BAUD,
                                 tx=machine.Pin(b.PIN_MODEM_TX),
                                 rx=machine.Pin(b.PIN_MODEM_RX), timeout=0)
-            self.modem = Rak3172(uart, log=log)
+            self.modem = make(cfg["modem"], uart, log=log)
+            outbox = Outbox(log=log)
+            # No sequence number is ever used twice: the outbox may hold
+            # readings newer than the last saved registers.
+            if outbox.last_seq() > self.state.seq:
+                self.state.seq = outbox.last_seq()
+            self.uplink = Uplink(self, self.modem, outbox)
         # Wall clock and the interval being accumulated.
         self.boot_s = rtc_seconds_2000()
         self.wall_s = self.boot_s
         self._sub_us = 0  # sample-clock microseconds into the current second
+        self.synced = False
+        self._ppm = 0  # measured crystal error, corrected on every block
+        self._drift_acc = 0
+        self._sync_wall = 0  # wall_s and board seconds at the last sync
+        self._sync_board = 0
+        self._board_s = 0  # whole seconds of sample clock since boot
+        self._board_sub = 0
+        self._restart = True  # the next reading is the first since power-up
         self._dropped_seen = 0
         self._start_interval(self.wall_s)
 
@@ -133,7 +149,18 @@ class App:
             self.state.registers.add(w.p_w, dropped * period / 1000000)
             n += dropped
         # Whole microseconds of sample clock: exact, and small ints.
-        self._sub_us += n * period
+        us = n * period
+        self._board_sub += us
+        while self._board_sub >= 1000000:
+            self._board_sub -= 1000000
+            self._board_s += 1
+        if self._ppm:
+            # Drift correction in whole microseconds, the remainder carried.
+            self._drift_acc += us * self._ppm
+            q = self._drift_acc // 1000000
+            self._drift_acc -= q * 1000000
+            us += q
+        self._sub_us += us
         while self._sub_us >= 1000000:
             self._sub_us -= 1000000
             self.wall_s += 1
@@ -155,21 +182,17 @@ class App:
         vrms = sqrt(m.iv_v2 / t)
         e_net = r.import_wh() - r.export_wh()
         p_w = (e_net - self._iv_e0) * 3600.0 / t
-        flags = frame.FLAG_CLOCK_UNSYNCED | m.iv_status
+        flags = m.iv_status
+        if not self.synced:
+            flags |= frame.FLAG_CLOCK_UNSYNCED
         if self.has_v:
             flags |= frame.FLAG_VOLTAGE_MEASURED
-        body = frame.encode_body(
-            st.seq, t_end + _UNIX_2000, t_end - self._iv_start, r.import_dwh,
-            r.export_dwh, int(irms * 100 + 0.5),
-            int(vrms * 10 + 0.5) if self.has_v else 0, flags)
+        if self._restart:
+            flags |= frame.FLAG_RESTART
+            self._restart = False
         st.save(self.wall_s)
-        if self.modem is not None:
-            self.pending.append(body)
-        if len(self.pending) > self.cfg["max_pending"]:
-            # The registers are cumulative: a dropped reading loses resolution
-            # in time, never energy.
-            self.pending.pop(0)
-            self.stats["dropped"] += 1
+        if self.uplink is not None:
+            self.uplink.on_reading(st.seq, t_end + _UNIX_2000, r.import_dwh, r.export_dwh, flags)
         self.stats["readings"] += 1
         record = {
             "seq": st.seq,
@@ -180,6 +203,8 @@ class App:
             "energy_wh": e_net,
             "import_wh": r.import_wh(),
             "export_wh": r.export_wh(),
+            "import_dwh": r.import_dwh,  # what the reading sends: whole 0.1 Wh
+            "export_dwh": r.export_dwh,
             "hz": m.iv_hz / t,
             "flags": frame.flag_names(flags),
         }
@@ -213,66 +238,60 @@ class App:
         finally:
             s.stop()
 
-    # ------------------------------------------------------------- uplink
+    # ------------------------------------------------------------- clock
 
-    async def uplink_task(self, m):
-        backoff = 1000
-        while True:
-            if not self.pending or not self.joined:
-                await asyncio.sleep_ms(_MODEM_POLL_MS)
-                continue
-            body = self.pending[0]
-            signer = self.identity.signer(frame.signed_message(self.dev_eui, body))
-            t0 = time.ticks_ms()
-            while not signer.step():
-                # Sign in slices well inside one block's time: the timer keeps
-                # filling the other half of the buffer meanwhile, and the
-                # metering loop takes its block between slices.
-                if time.ticks_diff(time.ticks_ms(), t0) >= _SIGN_SLICE_MS:
-                    await asyncio.sleep_ms(0)
-                    t0 = time.ticks_ms()
-            data = frame.assemble(body, signer.signature)
-            ok = await m.send(frame.PORT_READING, data, confirmed=self.cfg["confirmed"])
-            if ok:
-                if self.pending and self.pending[0] is body:
-                    self.pending.pop(0)
-                self.stats["sent"] += 1
-                backoff = 1000
-            else:
-                self.stats["send_failed"] += 1
-                log("uplink: send failed, retry in %d ms" % backoff)
-                await asyncio.sleep_ms(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX_MS)
+    def unix_time(self):
+        return self.wall_s + _UNIX_2000
 
-    async def modem_task(self, m):
-        backoff = 1000
-        while not await m.probe():
-            log("modem: no answer, retry in %d ms" % backoff)
-            await asyncio.sleep_ms(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX_MS)
-        self.dev_eui = await m.dev_eui()
-        cfg = self.cfg
-        await m.configure(region=cfg["region"], dr=cfg["dr"],
-                          device_class=cfg["device_class"], confirmed=cfg["confirmed"])
-        backoff = 1000
-        while not await m.join():
-            log("modem: join failed, retry in %d ms" % backoff)
-            await asyncio.sleep_ms(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX_MS)
-        self.joined = True
-        log("modem: joined as %s" % "".join("%02x" % b for b in self.dev_eui))
-        while True:
-            d = m.downlink()
-            if d is not None:
-                log("downlink: port %d, %d bytes" % (d[0], len(d[1])))
-            await asyncio.sleep_ms(_MODEM_POLL_MS)
+    def set_time(self, unix):
+        """The network (DeviceTimeAns) or a command says it is `unix`. A large
+        step closes the running interval at the old time (so no reading spans
+        a jump) and starts a new one; successive syncs at least an hour apart
+        measure the crystal's drift, corrected from then on."""
+        new = unix - _UNIX_2000
+        step = new - self.wall_s
+        if self.synced and self._board_s - self._sync_board >= _DRIFT_MIN_S:
+            # The error accumulated since the last sync is the drift left
+            # uncorrected: add it to the correction.
+            ppm = self._ppm + step * 1000000 // (self._board_s - self._sync_board)
+            self._ppm = max(-_DRIFT_MAX_PPM, min(_DRIFT_MAX_PPM, ppm))
+        log("clock: set to %d (step %+d s, drift correction %d ppm)" % (unix, step, self._ppm))
+        if step > _STEP_S or step < -_STEP_S:
+            if self.wall_s - self._iv_start >= 1:
+                self.close_interval(self.wall_s)
+            self.wall_s = new
+            self._sub_us = 0
+            self.synced = True
+            self._start_interval(new)
+        else:
+            self.wall_s = new
+            self.synced = True
+        self._sync_wall = new
+        self._sync_board = self._board_s
+
+    def set_interval(self, interval_s):
+        cfg = dict(self.cfg)
+        cfg["interval_s"] = interval_s
+        try:
+            config.save(cfg)
+        except config.ConfigError as e:
+            raise ValueError(str(e))
+        self.cfg["interval_s"] = interval_s
+
+    def set_relay(self, mode, hold_s):
+        """Drive the load relay (off, on, auto = on). The safety rules of a
+        relay meter (minimum on/off times, maximum shed) live on top of this."""
+        if mode not in (frame.RELAY_OFF, frame.RELAY_ON, frame.RELAY_AUTO):
+            raise ValueError("relay mode %d" % mode)
+        if self.relay is None:
+            self.relay = machine.Pin(self.board.PIN_RELAY, machine.Pin.OUT)
+        self.relay.value(0 if mode == frame.RELAY_OFF else 1)
+        self.relay_mode = mode
 
     async def run(self):
         tasks = [asyncio.create_task(self.metering_task())]
-        m = self.modem
-        if m is not None:
-            tasks.append(asyncio.create_task(self.modem_task(m)))
-            tasks.append(asyncio.create_task(self.uplink_task(m)))
+        if self.uplink is not None:
+            tasks.append(asyncio.create_task(self.uplink.run()))
         # The metering task never returns; if it fails, everything stops
         # (a watchdog reset on a board) rather than sending stale registers.
         await tasks[0]

@@ -14,7 +14,9 @@ PATH = "config.json"
 # allowed values are listed in CHOICES.
 SCHEMA = {
     "board": ("esp32", str, None, None),
-    "interval_s": (900, int, 1, 3600),  # reading interval; 900 s in the field
+    # Reading interval: 15 min by default, 1-60 min in the field; shorter
+    # intervals exist for demonstrations and time-compressed simulations.
+    "interval_s": (900, int, 1, 3600),
     "mains_hz": (50, int, 45, 65),
     "v_nominal": (230.0, float, 90.0, 270.0),
     "voltage_channel": (False, bool, None, None),
@@ -26,9 +28,13 @@ SCHEMA = {
     "window_cycles": (10, int, 2, 50),  # mains cycles per metering window
     "region": ("EU868", str, None, None),
     "dr": (5, int, 0, 15),
-    "confirmed": (False, bool, None, None),
     "device_class": ("A", str, None, None),
-    "max_pending": (96, int, 1, 1000),  # readings held while the radio is down
+    "modem": ("rak3172", str, None, None),  # meter/modem: which AT dialect
+    "airtime_s_day": (30.0, float, 1.0, 100000.0),  # uplink airtime budget (fair use: 30 s)
+    "bundle_max": (32, int, 1, 32),  # most readings under one signature (meter/airtime.py picks)
+    "jitter_s": (120, int, 0, 3600),  # random hold of a new bundle so a street does not collide
+    "confirm_every": (8, int, 1, 1000),  # every n-th bundle confirmed: the link check
+    "time_sync_s": (86400, int, 60, 604800),  # DeviceTimeReq cadence once synced
 }
 
 CHOICES = {
@@ -36,6 +42,7 @@ CHOICES = {
     "ct_model": ("SCT013-000", "SCT013-030", "SCT013-050", "SCT013-100"),
     "region": ("EU868", "US915"),
     "device_class": ("A", "C"),
+    "modem": ("rak3172", "wioe5"),
 }
 
 

@@ -11,6 +11,10 @@ from meter import store
 from meter.crypto import ed25519
 
 KEY_PATH = "device.key"
+# The 16-byte key that authenticates downlink commands for this meter
+# (meter/frame.py, "command"). Written at provisioning; like the device key
+# it is never printed or returned.
+COMMAND_KEY_PATH = "command.key"
 
 
 class Identity:
@@ -36,3 +40,17 @@ def load_or_create():
         seed = os.urandom(32)
         store.write_atomic(KEY_PATH, seed)
     return Identity(seed)
+
+
+def command_key():
+    """The provisioned command key, or None (then every command is refused)."""
+    if not store.exists(COMMAND_KEY_PATH):
+        return None
+    k = store.read(COMMAND_KEY_PATH)
+    return k if len(k) == 16 else None
+
+
+def set_command_key(key):
+    if len(key) != 16:
+        raise ValueError("command key must be 16 bytes, got %d" % len(key))
+    store.write_atomic(COMMAND_KEY_PATH, bytes(key))

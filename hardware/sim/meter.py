@@ -30,6 +30,7 @@ class ModemLink:
     dev_eui: str
     join_eui: str = "0000000000000000"
     app_key: str = "00000000000000000000000000000000"
+    dialect: str = "rak3172"
 
 
 @dataclass
@@ -44,6 +45,9 @@ class SimMeter:
     modem: ModemLink | None = None
     hardware: dict | None = None
     rtc_epoch: int = 1767225600
+    true_epoch: int | None = None  # what time it really is at boot (default: rtc_epoch)
+    clock_ppm: float = 0.0  # the board crystal's error
+    command_key: bytes | None = None  # provisioned at first boot if the meter has none
     seed: int = 1
     heapsize: str | None = None
     stats: bool = True
@@ -74,6 +78,12 @@ class SimMeter:
             "stats": self.stats,
             "power_cut": self.power_cut,
         }
+        if self.true_epoch is not None:
+            d["true_epoch"] = self.true_epoch
+        if self.clock_ppm:
+            d["clock_ppm"] = self.clock_ppm
+        if self.command_key:
+            d["command_key"] = self.command_key.hex()
         if self.hardware:
             d["hardware"] = self.hardware
         if self.modem:
@@ -108,8 +118,10 @@ class SimMeter:
     def run(self) -> tuple[list[dict], dict]:
         """Run to completion; return (readings, stats). stats also carries the "boot"
         registers and, with power_cut, the "power_cut" registers. Raises with the
-        firmware's own log when MicroPython exits with an error."""
-        self.start()
+        firmware's own log when MicroPython exits with an error. A meter already
+        started (start()) is collected, not started again."""
+        if self.proc is None:
+            self.start()
         readings, stats, extra = [], {}, {}
         for rec in self.lines():
             if "stats" in rec:

@@ -67,12 +67,12 @@ def test_compiled_frame_codec_loads_in_micropython(tmp_path):
     # Bytecode-only .mpy files are architecture-independent, so the unix port
     # can import what was built for the ESP32: proof the output is usable.
     assert check("compile", "--out", tmp_path).returncode == 0
-    res = runtime.run_micropython(None, code="from meter import frame\nprint(frame.__file__, frame.READING_LEN)",
+    res = runtime.run_micropython(None, code="from meter import frame\nprint(frame.__file__, frame.MIN_BUNDLE_LEN)",
                                   path=[tmp_path / "xtensawin"])
     assert res.returncode == 0, res.stderr.decode()
-    loaded_from, reading_len = res.stdout.decode().split()
+    loaded_from, min_len = res.stdout.decode().split()
     assert loaded_from == str(tmp_path / "xtensawin" / "meter" / "frame.mpy")
-    assert reading_len == "88"
+    assert min_len == "83"  # a one-reading bundle: 19 bytes + the signature
 
 
 def test_real_firmware_typechecks_against_both_boards():

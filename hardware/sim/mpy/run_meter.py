@@ -10,6 +10,11 @@
 #   speed         0 = as fast as possible, else simulated seconds per real second
 #   max_sim_s     stop after this much simulated time (0 = at trace end)
 #   rtc_epoch     unix time the board's RTC holds at boot
+#   true_epoch    unix time it really is at boot (default rtc_epoch): what the
+#                 network answers to DeviceTimeReq
+#   clock_ppm     the board crystal's error (positive: its clock runs fast)
+#   command_key   hex: provision this downlink command key (as the
+#                 technician's `provision` does) if the meter has none
 #   config        firmware configuration written to flash/config.json
 #   hardware      overrides of boards_sim values (tolerances, bias...)
 #   modem         null, or {host, port, dev_eui, join_eui, app_key}
@@ -59,6 +64,8 @@ def main(argv):
                      unique_id=bytes.fromhex(uid) if uid else None,
                      mains_hz=(sim.get("config") or {}).get("mains_hz", 50))
     simhw.hw.max_sim_s = sim.get("max_sim_s", 0)
+    simhw.hw.true_epoch = sim.get("true_epoch", sim.get("rtc_epoch", 1767225600))
+    simhw.hw.clock_ppm = sim.get("clock_ppm", 0)
     simhw.clock.speed = float(sim.get("speed", 0))
 
     modem = sim.get("modem")
@@ -68,7 +75,8 @@ def main(argv):
         b = load(board)
         sim_uart.attach(b.UART_MODEM, modem["host"], modem["port"], modem["dev_eui"],
                         modem.get("join_eui", "0000000000000000"),
-                        modem.get("app_key", "00000000000000000000000000000000"))
+                        modem.get("app_key", "00000000000000000000000000000000"),
+                        dialect=modem.get("dialect", "rak3172"))
 
     flash = sim["flash"]
     try:
@@ -90,6 +98,10 @@ def main(argv):
         ident = identity.load_or_create()
         sys.stdout.write(json.dumps({"public_key": "".join("%02x" % b for b in ident.public)}) + "\n")
         return
+    if sim.get("command_key"):
+        from meter import identity
+        if identity.command_key() is None:
+            identity.set_command_key(bytes.fromhex(sim["command_key"]))
     cfg = dict(sim.get("config") or {})
     cfg["board"] = board
     config.save(cfg)
@@ -158,7 +170,18 @@ def main(argv):
         if log is not None:
             st["log_writes"] = log.writes
             st["log_erases"] = log.erases
-        st["pending"] = len(app.pending)
+        if app.uplink is not None:
+            u = app.uplink
+            for k, v in u.stats.items():
+                st["uplink_" + k] = v
+            st["pending"] = u.outbox.pending()
+            st["open_readings"] = len(u.open)
+            st["bundle_readings"] = u.n_plan
+            st["clock_ppm_corr"] = app._ppm
+            st["synced"] = app.synced
+            st["unix_time"] = app.unix_time()
+            st["true_unix"] = simhw.true_unix() if hasattr(simhw, "true_unix") else None
+            st["modem"] = dict(app.modem.stats)
         simhw.hw.probe_heap()
         st["heap_live_peak_bytes"] = simhw.hw.heap_live_peak
         sys.stdout.write(json.dumps({"stats": st}) + "\n")
