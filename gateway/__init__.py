@@ -1,4 +1,5 @@
-"""Gateway daemon: ChirpStack MQTT uplinks in, verified readings out to the ledger.
+"""Gateway daemon: ChirpStack MQTT uplinks in, verified bundles out to the ledger,
+resend requests out to meters with missing readings.
 
 See docs/gateway.md.
 """

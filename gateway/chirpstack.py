@@ -1,9 +1,10 @@
-"""ChirpStack v4 MQTT integration: uplink topics and uplink events.
+"""ChirpStack v4 MQTT integration: uplink events in, downlink commands out.
 
 Turns one MQTT message from ChirpStack's JSON marshaler into an `Uplink`, or
-raises `Rejected` with a stable reason code. The message classes are the ones
-ChirpStack publishes (`chirpstack_api.integration`); nothing here touches the
-network, so every rejection can be exercised without a broker.
+raises `Rejected` with a stable reason code, and builds the `command/down`
+message that queues a downlink. The message classes are the ones ChirpStack
+publishes (`chirpstack_api.integration`); nothing here touches the network,
+so every rejection can be exercised without a broker.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import binascii
 import json
 import re
+import uuid
 from dataclasses import dataclass
 
 from chirpstack_api import integration
@@ -52,6 +54,20 @@ class Uplink:
 def uplink_topic(application_id: str = "+") -> str:
     """The subscription for uplink events of one application (or all: "+")."""
     return f"application/{application_id}/device/+/event/up"
+
+
+def command_topic(application_id: str, dev_eui: str) -> str:
+    """Where ChirpStack takes downlinks to enqueue for one device."""
+    return f"application/{application_id}/device/{dev_eui}/command/down"
+
+
+def command_message(dev_eui: str, f_port: int, data: bytes, confirmed: bool = False,
+                    item_id: str | None = None) -> bytes:
+    """A `DownlinkCommand` as ChirpStack's JSON integration takes it. The id
+    comes back in the `txack` event of the transmission."""
+    return json.dumps({"id": item_id or str(uuid.uuid4()), "devEui": dev_eui,
+                       "confirmed": confirmed, "fPort": f_port,
+                       "data": base64.b64encode(data).decode()}).encode()
 
 
 def topic_dev_eui(topic: str) -> str | None:

@@ -19,11 +19,31 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meter-gateway",
-        description="Verify signed meter readings from ChirpStack MQTT and forward them "
-                    "to the ledger.")
+        description="Verify signed meter readings from ChirpStack MQTT, forward them "
+                    "to the ledger and ask meters for readings that went missing.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon until SIGINT/SIGTERM")
     run.add_argument("--mqtt-host", default="127.0.0.1", help="MQTT broker host")
@@ -41,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve GET /health and /stats on 127.0.0.1:N")
     run.add_argument("--name", help="gateway name sent to the ledger and used in the "
                                     "MQTT client id (default: host name)")
+    run.add_argument("--command-keys", metavar="PATH",
+                     help="JSON object {dev_eui: 16-byte command key in hex}; without it no "
+                          "downlink commands are sent")
+    run.add_argument("--fragment-ttl", type=_seconds, default=48 * 3600.0, metavar="S",
+                     help="drop a fragment set still incomplete after S seconds (default 48 h)")
+    run.add_argument("--resend-after", type=_seconds, default=2 * 3600.0, metavar="S",
+                     help="ask for missing readings once their gap is S seconds old "
+                          "(default 2 h)")
+    run.add_argument("--resend-max-per-day", type=_count, default=4, metavar="N",
+                     help="at most N resend requests per device in 24 h (default 4, 0: none)")
+    run.add_argument("--resend-min-interval", type=_seconds, default=3600.0, metavar="S",
+                     help="at least S seconds between resend requests to one device "
+                          "(default 1 h)")
     run.add_argument("--log-level", default="INFO",
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -53,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gw = Gateway(args.mqtt_host, args.mqtt_port, args.ledger, args.state_dir,
                      application_id=args.application_id, ledger_token=args.ledger_token,
-                     status_port=args.status_port, name=args.name)
+                     status_port=args.status_port, name=args.name,
+                     command_keys=args.command_keys, fragment_ttl_s=args.fragment_ttl,
+                     resend_after_s=args.resend_after,
+                     resend_max_per_day=args.resend_max_per_day,
+                     resend_min_interval_s=args.resend_min_interval)
         gw.start()
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"meter-gateway: {exc}", file=sys.stderr)

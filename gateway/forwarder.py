@@ -1,16 +1,15 @@
 """Delivers the outbox to the ledger in batches, retrying until it answers.
 
-One thread. It takes the oldest pending readings (up to `batch_size`), posts
-them, and settles each with the ledger's per-reading answer. When the ledger
-is unreachable or fails, the same readings are retried after an exponential
+One thread. It takes the oldest pending bundles (up to `batch_size`), posts
+them, and settles each with the ledger's per-bundle answer. When the ledger
+is unreachable or fails, the same bundles are retried after an exponential
 backoff with jitter; nothing leaves the outbox without an answer. Resending a
-batch whose answer was lost is safe: the ledger answers "duplicate" for what
-it already stored.
+batch whose answer was lost is safe: the ledger answers "duplicate" for the
+readings it already stored.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import random
 import threading
@@ -49,9 +48,10 @@ class Forwarder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Written by the forwarder thread only; read by stats().
-        self.stored = 0
-        self.duplicate = 0
-        self.rejected = 0
+        self.forwarded = 0  # bundles the ledger answered "ok" for
+        self.stored = 0  # readings it stored
+        self.duplicate = 0  # readings it already had
+        self.rejected = 0  # bundles it refused
         self.errors = 0
         self.failures = 0  # consecutive, 0 when the last attempt got an answer
         self.last_error: str | None = None
@@ -71,7 +71,7 @@ class Forwarder:
         return self._thread is not None and self._thread.is_alive()
 
     def wake(self) -> None:
-        """New readings were queued: deliver now rather than at the next poll."""
+        """A bundle was queued: deliver now rather than at the next poll."""
         self._wake.set()
 
     def _run(self) -> None:
@@ -89,15 +89,15 @@ class Forwarder:
                 self._wake.clear()
 
     def deliver_once(self) -> int | None:
-        """Post one batch. Returns how many readings were settled (0: nothing
+        """Post one batch. Returns how many bundles were settled (0: nothing
         pending), or None when the batch must be retried later."""
         items = self._outbox.pending(self._batch)
         if not items:
             return 0
-        body = [{"dev_eui": it.dev_eui, "frame": base64.b64encode(it.frame).decode(),
+        body = [{"dev_eui": it.dev_eui, "bundle": it.bundle.hex(),
                  "received_at": it.received_at, "gateway": self._name} for it in items]
         try:
-            results = self._client.post_readings(body)
+            results = self._client.post_bundles(body)
         except LedgerError as exc:
             self.errors += 1
             self.failures += 1
@@ -105,9 +105,9 @@ class Forwarder:
             # An outage is logged when it starts (and when it ends, below); a
             # contract error (bad token, wrong URL) on every attempt.
             if not isinstance(exc, LedgerUnavailable):
-                log.error("%d readings not delivered, will retry: %s", len(items), exc)
+                log.error("%d bundles not delivered, will retry: %s", len(items), exc)
             elif self.failures == 1:
-                log.warning("ledger unreachable, %d readings kept for retry: %s",
+                log.warning("ledger unreachable, %d bundles kept for retry: %s",
                             len(items), exc)
             return None
         if self.failures:
@@ -122,28 +122,31 @@ class Forwarder:
         settled = 0
         for item, res in zip(items, results):
             status = res.get("status")
-            if status in ("stored", "duplicate"):
+            if status == "ok":
                 done.append(item.id)
-                if status == "stored":
-                    self.stored += 1
-                else:
-                    self.duplicate += 1
+                self.forwarded += 1
+                self.stored += _count(res.get("stored"))
+                self.duplicate += _count(res.get("duplicate"))
             elif status == "rejected":
                 reason = str(res.get("reason") or "unspecified")
                 message = str(res.get("message") or "")
-                log.warning("ledger rejected %s seq %d: %s %s", item.dev_eui, item.seq,
-                            reason, message)
+                log.warning("ledger rejected %s seq %d..%d: %s %s", item.dev_eui, item.first_seq,
+                            item.last_seq, reason, message)
                 self._outbox.reject(item, reason, message)
                 self.rejected += 1
                 settled += 1
             else:
                 # Kept: an answer we do not understand is not an acknowledgement.
                 self.errors += 1
-                log.error("ledger answered status %r for %s seq %d; kept for retry",
-                          status, item.dev_eui, item.seq)
+                log.error("ledger answered status %r for %s seq %d..%d; kept for retry",
+                          status, item.dev_eui, item.first_seq, item.last_seq)
         self._outbox.acknowledge(done)
         settled += len(done)
         if not settled:
             self.failures += 1
             return None
         return settled
+
+
+def _count(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -1,7 +1,7 @@
 """HTTP client for the two ledger endpoints the gateway uses.
 
-`GET /v1/devices` (enrolled keys) and `POST /v1/readings` (a batch of
-verified frames). Errors are split by what the caller should do:
+`GET /v1/devices` (enrolled keys) and `POST /v1/bundles` (a batch of
+verified bundles). Errors are split by what the caller should do:
 `LedgerUnavailable` means try again later (connection refused, timeout, 5xx),
 `LedgerError` means the ledger answered but not as the contract says (4xx, a
 body that is not the expected JSON); retrying it blindly will not help, but
@@ -42,15 +42,15 @@ class LedgerClient:
     def devices(self) -> dict[str, Any]:
         return self._call("GET", "/v1/devices")
 
-    def post_readings(self, readings: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One result per reading, in order; raises LedgerError when the answer
+    def post_bundles(self, bundles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One result per bundle, in order; raises LedgerError when the answer
         does not line up with the batch."""
-        doc = self._call("POST", "/v1/readings", {"readings": readings})
+        doc = self._call("POST", "/v1/bundles", {"bundles": bundles})
         results = doc.get("results")
-        if not isinstance(results, list) or len(results) != len(readings):
-            raise LedgerError("ledger answered %s results for %d readings"
+        if not isinstance(results, list) or len(results) != len(bundles):
+            raise LedgerError("ledger answered %s results for %d bundles"
                               % (len(results) if isinstance(results, list) else "no",
-                                 len(readings)))
+                                 len(bundles)))
         if not all(isinstance(r, dict) for r in results):
             raise LedgerError("ledger results are not all objects")
         return results

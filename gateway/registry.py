@@ -5,6 +5,10 @@ kept in a JSON file in the state directory so the gateway verifies readings
 from known meters even when it starts while the ledger is unreachable. The
 list is refreshed periodically and, at most once per `unknown_gap` seconds,
 when a device nobody has heard of shows up (it was probably just enrolled).
+
+Beside each key the ledger says the highest seq it holds for the device
+(`latest_seq`, null when none): a gateway without state for a meter does not
+count what the ledger already has as missing.
 """
 
 from __future__ import annotations
@@ -50,9 +54,35 @@ def parse_devices(doc: Any) -> tuple[dict[str, bytes], list[str]]:
     return keys, problems
 
 
-def _document(keys: dict[str, bytes]) -> dict[str, Any]:
-    return {"devices": [{"dev_eui": eui, "public_key": key.hex()}
-                        for eui, key in sorted(keys.items())]}
+def parse_latest_seqs(doc: Any) -> dict[str, int]:
+    """{dev_eui: latest_seq} for the entries that state it: 0 when the
+    ledger holds no reading of the device (null), left out when the entry
+    does not say (an older ledger) or says something that is not a seq."""
+    out: dict[str, int] = {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("devices"), list):
+        return out
+    for entry in doc["devices"]:
+        if not isinstance(entry, dict) or "latest_seq" not in entry:
+            continue
+        eui = entry.get("dev_eui")
+        seq = entry["latest_seq"]
+        if not isinstance(eui, str) or not _DEV_EUI.match(eui.lower()):
+            continue
+        if seq is None:
+            out[eui.lower()] = 0
+        elif isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= 0xFFFFFFFF:
+            out[eui.lower()] = seq
+    return out
+
+
+def _document(keys: dict[str, bytes], latest: dict[str, int]) -> dict[str, Any]:
+    devices = []
+    for eui, key in sorted(keys.items()):
+        entry: dict[str, Any] = {"dev_eui": eui, "public_key": key.hex()}
+        if eui in latest:
+            entry["latest_seq"] = latest[eui] or None
+        devices.append(entry)
+    return {"devices": devices}
 
 
 class Registry:
@@ -65,6 +95,7 @@ class Registry:
         self._unknown_gap = unknown_gap
         self._clock = clock
         self._keys: dict[str, bytes] = {}
+        self._latest: dict[str, int] = {}
         self._lock = threading.Lock()
         self._last_attempt: float | None = None
         self.last_error: str | None = None
@@ -74,6 +105,11 @@ class Registry:
 
     def key_for(self, dev_eui: str) -> bytes | None:
         return self._keys.get(dev_eui)
+
+    def latest_seq(self, dev_eui: str) -> int | None:
+        """The highest seq the ledger held for the device at the last
+        refresh: 0 for none, None when not known."""
+        return self._latest.get(dev_eui)
 
     def load_cache(self) -> int:
         """Load the keys saved by the last successful refresh; returns how many."""
@@ -88,6 +124,7 @@ class Registry:
         for p in problems:
             log.warning("device cache %s: %s", self._cache, p)
         self._keys = keys
+        self._latest = parse_latest_seqs(doc)
         return len(keys)
 
     def refresh(self) -> bool:
@@ -96,7 +133,8 @@ class Registry:
         with self._lock:
             self._last_attempt = self._clock()
             try:
-                keys, problems = parse_devices(self._client.devices())
+                doc = self._client.devices()
+                keys, problems = parse_devices(doc)
             except (LedgerError, ValueError) as exc:
                 self.last_error = str(exc)
                 log.warning("device list not refreshed: %s", exc)
@@ -104,11 +142,13 @@ class Registry:
             for p in problems:
                 log.warning("ledger device list: %s", p)
             self.last_error = None
-            self.replace(keys)
+            self.replace(keys, parse_latest_seqs(doc))
             return True
 
-    def replace(self, keys: dict[str, bytes]) -> None:
-        """Use exactly these keys from now on and cache them for the next start."""
+    def replace(self, keys: dict[str, bytes], latest: dict[str, int] | None = None) -> None:
+        """Use exactly these keys (and the ledger's latest seqs) from now on
+        and cache them for the next start."""
+        self._latest = dict(latest or {})
         self._keys = dict(keys)  # one assignment: readers see the old or the new map
         try:
             self._save()
@@ -134,7 +174,7 @@ class Registry:
     def _save(self) -> None:
         tmp = self._cache.with_name(self._cache.name + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(_document(self._keys), f, indent=1)
+            json.dump(_document(self._keys, self._latest), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._cache)

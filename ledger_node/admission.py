@@ -1,21 +1,25 @@
 """Admission rules of the ledger node: what may enter the ledger, and why not.
 
 Plain functions and one class, no HTTP: the input is the already-parsed JSON
-(dicts and lists), the output is one `Result` per item. Nothing from outside
+(dicts and lists), the output is one `Result` per bundle. Nothing from outside
 is stored before it has been decoded with `meter.frame` and its signature
 verified against the enrolled key, even when a gateway already checked it.
+
+A bundle is admitted or refused as a whole: its readings share one signature,
+so the ledger either holds all the new ones with the bundle that proves them,
+or none. Readings already stored (a resend, a second gateway, a bundle that
+overlaps an earlier one) are answered as duplicates with their original
+entry; a stored seq with other values is a conflict.
 
 Two phases per batch: parsing, decoding and signature verification run
 without any lock (they are the CPU cost); only the checks against what is
 already stored (duplicate, conflict, register and clock order) and the
-inserts run inside one write transaction. Results, counters and log lines
-are produced only after that transaction has committed.
+inserts run inside one write transaction, one savepoint per bundle. Results,
+counters and log lines are produced only after that transaction has committed.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import math
 import re
@@ -33,9 +37,11 @@ log = logging.getLogger("ledger_node.admission")
 MAX_BATCH = 1000
 MAX_TEXT_LEN = 200  # meter_model, board, community, gateway
 
-STORED = "stored"
-DUPLICATE = "duplicate"
-REJECTED = "rejected"
+OK = "ok"  # a bundle: admitted (its new readings stored, the others duplicates)
+REJECTED = "rejected"  # a bundle: nothing of it stored
+STORED = "stored"  # a reading: stored now
+DUPLICATE = "duplicate"  # a reading: stored before, with the same values
+BUNDLES = "bundles"  # counter: bundles stored
 
 # Stable rejection reasons (metrics labels, API contract). Frame decoding
 # adds its own: empty, truncated, oversized, version, type, field.
@@ -66,22 +72,41 @@ class Rejected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ReadingResult:
+    seq: int
+    status: str  # STORED or DUPLICATE
+    entry_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
-    status: str
-    entry_id: int | None = None
+    status: str  # OK or REJECTED
+    bundle_id: int | None = None  # None when nothing new was stored
+    readings: tuple[ReadingResult, ...] = ()
     reason: str | None = None
     message: str | None = None
 
+    @property
+    def stored(self) -> int:
+        return sum(r.status == STORED for r in self.readings)
+
+    @property
+    def duplicate(self) -> int:
+        return sum(r.status == DUPLICATE for r in self.readings)
+
     def as_dict(self) -> dict:
-        return {"status": self.status, "entry_id": self.entry_id,
+        return {"status": self.status, "bundle_id": self.bundle_id, "stored": self.stored,
+                "duplicate": self.duplicate,
+                "readings": [{"seq": r.seq, "status": r.status, "entry_id": r.entry_id}
+                             for r in self.readings],
                 "reason": self.reason, "message": self.message}
 
 
 @dataclass(frozen=True, slots=True)
 class Submission:
-    """One well-formed item of a readings batch, not yet verified."""
+    """One well-formed item of a bundles batch, not yet verified."""
     dev_eui: str
-    frame: bytes
+    data: bytes  # the bundle: body + signature
     received_at: float | None
     gateway: str | None
 
@@ -124,21 +149,21 @@ def _optional_text(raw: dict, field: str) -> str | None:
 
 
 def parse_submission(raw) -> Submission:
-    """Check the shape of one readings item. Unknown keys are ignored so
+    """Check the shape of one bundles item. Unknown keys are ignored so
     gateways may send extra context without breaking older nodes."""
     if not isinstance(raw, dict):
         raise Rejected(MALFORMED, f"item: expected an object, got {type(raw).__name__}")
-    for field in ("dev_eui", "frame"):
+    for field in ("dev_eui", "bundle"):
         if field not in raw:
             raise Rejected(MALFORMED, f"{field}: missing")
     dev_eui = parse_dev_eui(raw["dev_eui"])
-    encoded = raw["frame"]
+    encoded = raw["bundle"]
     if not isinstance(encoded, str):
-        raise Rejected(MALFORMED, f"frame: expected a base64 string, got {type(encoded).__name__}")
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise Rejected(MALFORMED, f"frame: not base64 ({exc})") from None
+        raise Rejected(MALFORMED, f"bundle: expected a string of hex digits, got "
+                                  f"{type(encoded).__name__}")
+    if len(encoded) % 2 or not _HEX.fullmatch(encoded):
+        raise Rejected(MALFORMED, f"bundle: not an even number of hex digits: {encoded!r:.60}")
+    data = bytes.fromhex(encoded)
     received_at = raw.get("received_at")
     if received_at is not None:
         if isinstance(received_at, bool) or not isinstance(received_at, (int, float)):
@@ -202,38 +227,45 @@ class Admission:
             log.info("enrolled device %s", device.dev_eui)
         return Enrollment(created, device)
 
-    # Readings
+    # Bundles
 
     def admit(self, items: list) -> list[Result]:
-        """Admit a batch; one Result per item, in order. Raises Rejected
-        (malformed) only when `items` itself is not a list of at most
+        """Admit a batch of bundles; one Result per item, in order. Raises
+        Rejected (malformed) only when `items` itself is not a list of at most
         MAX_BATCH entries; every item-level problem becomes a result."""
         if not isinstance(items, list):
-            raise Rejected(MALFORMED, f"readings: expected a list, got {type(items).__name__}")
+            raise Rejected(MALFORMED, f"bundles: expected a list, got {type(items).__name__}")
         if len(items) > MAX_BATCH:
             raise Rejected(TOO_MANY_ITEMS,
-                           f"readings: {len(items)} items, at most {MAX_BATCH} per batch")
+                           f"bundles: {len(items)} items, at most {MAX_BATCH} per batch")
         results: list[Result | None] = [None] * len(items)
-        verified: list[tuple[int, Submission, frame.Reading]] = []
+        verified: list[tuple[int, Submission, frame.Bundle]] = []
         for i, raw in enumerate(items):
             try:
-                sub, reading = self._verify(raw)
+                sub, bundle = self._verify(raw)
             except Rejected as exc:
-                results[i] = Result(REJECTED, None, exc.reason, exc.message)
+                results[i] = Result(REJECTED, reason=exc.reason, message=exc.message)
             else:
-                verified.append((i, sub, reading))
+                verified.append((i, sub, bundle))
 
         with self.store.writing() as tx:
-            for i, sub, reading in verified:
+            for i, sub, bundle in verified:
                 try:
-                    results[i] = _place(tx, sub, reading)
+                    with tx.savepoint():
+                        results[i] = _place(tx, sub, bundle)
                 except Rejected as exc:
-                    results[i] = Result(REJECTED, None, exc.reason, exc.message)
+                    results[i] = Result(REJECTED, reason=exc.reason, message=exc.message)
             counts = Counter()
             for r in results:
-                counts[r.status if r.status != REJECTED else f"{REJECTED}:{r.reason}"] += 1
+                if r.status == REJECTED:
+                    counts[f"{REJECTED}:{r.reason}"] += 1
+                else:
+                    counts[STORED] += r.stored
+                    counts[DUPLICATE] += r.duplicate
+                    counts[BUNDLES] += r.bundle_id is not None
             for name, n in counts.items():
-                tx.count(name, n)
+                if n:
+                    tx.count(name, n)
 
         for i, r in enumerate(results):
             if r.status == REJECTED:
@@ -243,17 +275,18 @@ class Admission:
                             i, dev, r.reason, r.message)
         return results
 
-    def _verify(self, raw) -> tuple[Submission, frame.Reading]:
+    def _verify(self, raw) -> tuple[Submission, frame.Bundle]:
         sub = parse_submission(raw)
         try:
-            reading = frame.decode(sub.frame)
+            bundle = frame.decode_bundle(sub.data)
         except frame.FrameError as exc:
-            raise Rejected(exc.reason, f"frame: {exc.message}") from None
+            raise Rejected(exc.reason, f"bundle: {exc.message}") from None
         key = self._key(sub.dev_eui)
-        if not signing.verify_reading(key, bytes.fromhex(sub.dev_eui), reading):
-            raise Rejected(BAD_SIGNATURE, f"signature of seq {reading.seq} does not verify "
-                                          f"with the key enrolled for {sub.dev_eui}")
-        return sub, reading
+        if not signing.verify_bundle(key, bytes.fromhex(sub.dev_eui), bundle):
+            raise Rejected(BAD_SIGNATURE, f"signature of the bundle of seq {bundle.first_seq}.."
+                                          f"{bundle.last_seq} does not verify with the key "
+                                          f"enrolled for {sub.dev_eui}")
+        return sub, bundle
 
     def _key(self, dev_eui: str):
         key = self._keys.get(dev_eui)
@@ -277,17 +310,44 @@ def _check_same_device(existing: Device, wanted: Device) -> None:
                                           f"{', '.join(differ)}")
 
 
-def _place(tx: WriteTxn, sub: Submission, reading: frame.Reading) -> Result:
-    """Decide a verified reading against what is stored, and store it."""
-    dev, seq = sub.dev_eui, reading.seq
-    existing = tx.reading_at(dev, seq)
-    if existing is not None:
-        if existing.frame == sub.frame:
-            return Result(DUPLICATE, existing.entry_id)
-        raise Rejected(CONFLICT, f"seq {seq} of {dev} is already stored as entry "
-                                 f"{existing.entry_id} with a different frame")
-    # Readings may arrive out of order (a meter catching up after an outage),
-    # so the new one is placed between its stored neighbours by seq.
+def _place(tx: WriteTxn, sub: Submission, bundle: frame.Bundle) -> Result:
+    """Decide a verified bundle against what is stored, and store its new
+    readings with it. Raises Rejected; the caller's savepoint then undoes
+    whatever this bundle had inserted."""
+    dev = sub.dev_eui
+    known: dict[int, StoredReading] = {}
+    for r in bundle.readings:
+        existing = tx.reading_at(dev, r.seq)
+        if existing is None:
+            continue
+        if _values(existing) != _values(r):
+            raise Rejected(CONFLICT, f"seq {r.seq} of {dev} is already stored as entry "
+                                     f"{existing.entry_id} with other values")
+        known[r.seq] = existing
+    if len(known) == len(bundle.readings):
+        return Result(OK, None, tuple(ReadingResult(s, DUPLICATE, e.entry_id)
+                                      for s, e in known.items()))
+    bundle_id = tx.insert_bundle(dev, bundle.first_seq, bundle.last_seq, bundle.data(),
+                                 sub.received_at, sub.gateway)
+    out = []
+    for r in bundle.readings:
+        if r.seq in known:
+            out.append(ReadingResult(r.seq, DUPLICATE, known[r.seq].entry_id))
+            continue
+        _check_order(tx, dev, r)
+        out.append(ReadingResult(r.seq, STORED, tx.insert_reading(dev, r.as_dict(), bundle_id)))
+    return Result(OK, bundle_id, tuple(out))
+
+
+def _values(r) -> tuple:
+    return (r.t_end, r.import_dwh, r.export_dwh, r.flags)
+
+
+def _check_order(tx: WriteTxn, dev: str, reading: frame.Reading) -> None:
+    # Readings may arrive out of order (a meter catching up after an outage,
+    # a resent bundle), so a new one is placed between its stored neighbours
+    # by seq; earlier readings of the same bundle are already among them.
+    seq = reading.seq
     below, above = tx.nearest_below(dev, seq), tx.nearest_above(dev, seq)
     for name in _REGISTERS:
         value = getattr(reading, name)
@@ -305,9 +365,6 @@ def _place(tx: WriteTxn, sub: Submission, reading: frame.Reading) -> Result:
             raise Rejected(TIME_BACKWARDS, _order_msg("t_end", reading.t_end, seq, "below", below))
         if above is not None and reading.t_end > above.t_end:
             raise Rejected(TIME_BACKWARDS, _order_msg("t_end", reading.t_end, seq, "above", above))
-    entry_id = tx.insert_reading(dev, reading.as_dict(), sub.frame, sub.received_at,
-                                 sub.gateway)
-    return Result(STORED, entry_id)
 
 
 def _order_msg(name: str, value: int, seq: int, side: str, other: StoredReading) -> str:

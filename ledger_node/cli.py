@@ -98,13 +98,14 @@ def check(args) -> int:
         print(json.dumps(report, indent=2))
     else:
         for p in report["problems"]:
-            print(f"{p['kind']}: dev_eui={p['dev_eui']} entry={p['entry_id']} seq={p['seq']}: "
-                  f"{p['message']}")
+            print(f"{p['kind']}: dev_eui={p['dev_eui']} bundle={p['bundle_id']} "
+                  f"entry={p['entry_id']} seq={p['seq']}: {p['message']}")
         hidden = report["problems_total"] - len(report["problems"])
         if hidden:
             print(f"... and {hidden} more problems")
         verdict = "consistent" if report["ok"] else f"{report['problems_total']} problem(s)"
-        print(f"{args.db}: {report['readings']} readings from {report['devices']} devices: "
+        print(f"{args.db}: {report['readings']} readings in {report['bundles']} bundles from "
+              f"{report['devices']} devices: "
               f"{verdict}")
     return EXIT_OK if report["ok"] else EXIT_PROBLEMS
 

@@ -16,7 +16,6 @@ serialised by the store's writer lock. Every error is a JSON object
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import logging
@@ -103,10 +102,10 @@ class Api:
             ("GET", "/v1/stats"): (self.stats, (), False),
             ("GET", "/v1/check"): (self.check, (), False),
             ("GET", "/v1/devices"): (self.list_devices, (), False),
-            ("POST", "/v1/devices"): (self.enroll, (), True),
+            ("POST", "/v1/devices"): (self.post_device, (), True),
             ("GET", "/v1/readings"): (self.list_readings, ("dev_eui", "from", "to", "limit"),
                                       False),
-            ("POST", "/v1/readings"): (self.post_readings, (), True),
+            ("POST", "/v1/bundles"): (self.post_bundles, (), True),
         }
         self.paths = {path for _, path in self.routes}
 
@@ -137,7 +136,9 @@ class Api:
                      if name.startswith(admission.REJECTED + ":")}
         return 200, {
             "devices": summary["devices"],
+            "bundles": summary["bundles"],
             "readings": summary["readings"],
+            "bundles_stored": counters.get(admission.BUNDLES, 0),
             "stored": counters.get(admission.STORED, 0),
             "duplicate": counters.get(admission.DUPLICATE, 0),
             "rejected": sum(by_reason.values()),
@@ -150,22 +151,38 @@ class Api:
         return 200, check_store(self.store)
 
     def list_devices(self, query, body):
-        return 200, {"devices": [d.as_dict() for d in self.store.devices()]}
+        # latest_seq lets a gateway that starts without state tell the readings
+        # the ledger already holds from a gap worth asking the meter for.
+        latest = self.store.latest_seqs()
+        return 200, {"devices": [{**d.as_dict(), "latest_seq": latest.get(d.dev_eui)}
+                                 for d in self.store.devices()]}
 
-    def enroll(self, query, body):
+    def post_device(self, query, body):
         result = self.admission.enroll(parse_json(body))
         status = "enrolled" if result.created else "already_enrolled"
         return (201 if result.created else 200), {"status": status,
                                                   "device": result.device.as_dict()}
 
-    def post_readings(self, query, body):
+    # -- in-process use (tests, tools): the same rules without HTTP ---------
+
+    def enroll(self, device: dict) -> dict:
+        """Enroll as POST /v1/devices does; the device as it is stored.
+        Raises admission.Rejected."""
+        return self.admission.enroll(device).device.as_dict()
+
+    def readings_of(self, dev_eui: str) -> list[dict]:
+        """Every reading of one device, as GET /v1/readings returns them."""
+        rows = self.store.readings(admission.parse_dev_eui(dev_eui), limit=None)
+        return [_reading_json(r) for r in rows]
+
+    def post_bundles(self, query, body):
         doc = parse_json(body)
-        if not isinstance(doc, dict) or "readings" not in doc:
-            raise HttpError("bad_request", 'body must be an object {"readings": [...]}')
-        if not isinstance(doc["readings"], list):
-            raise HttpError("bad_request", "readings: expected a list, got "
-                                           f"{type(doc['readings']).__name__}")
-        results = self.admission.admit(doc["readings"])
+        if not isinstance(doc, dict) or "bundles" not in doc:
+            raise HttpError("bad_request", 'body must be an object {"bundles": [...]}')
+        if not isinstance(doc["bundles"], list):
+            raise HttpError("bad_request", "bundles: expected a list, got "
+                                           f"{type(doc['bundles']).__name__}")
+        results = self.admission.admit(doc["bundles"])
         return 200, {"results": [r.as_dict() for r in results]}
 
     def list_readings(self, query, body):
@@ -201,18 +218,33 @@ def _number_param(query: dict, name: str) -> float | None:
     return value
 
 
+_READING_FIELDS = ("seq", "t_end", "import_dwh", "export_dwh", "flags")
+
+
 def _reading_json(row: StoredReading) -> dict:
-    # Values come from the frame itself, the signed truth, not from the
+    # Values come from the bundle itself, the signed truth, not from the
     # index columns beside it (GET /v1/check compares the two).
-    try:
-        fields = frame.decode(row.frame).as_dict()
-    except frame.FrameError as exc:
-        log.error("entry %d: stored frame does not decode (%s); run a check", row.entry_id, exc)
-        fields = {c: getattr(row, c) for c in ("seq", "t_end", "interval_s", "import_dwh",
-                                                "export_dwh", "irms_ca", "vrms_dv", "flags")}
-        fields["problem"] = f"stored frame does not decode: {exc.reason}"
+    fields = None
+    problem = None
+    if row.bundle is None:
+        problem = f"bundle {row.bundle_id} is missing"
+    else:
+        try:
+            signed = {r.seq: r for r in frame.decode_bundle(row.bundle).readings}.get(row.seq)
+        except frame.FrameError as exc:
+            problem = f"stored bundle does not decode: {exc.reason}"
+        else:
+            if signed is None:
+                problem = f"bundle {row.bundle_id} does not hold seq {row.seq}"
+            else:
+                fields = signed.as_dict()
+    if fields is None:
+        log.error("entry %d: %s; run a check", row.entry_id, problem)
+        fields = {c: getattr(row, c) for c in _READING_FIELDS}
+        fields["problem"] = problem
     return {"entry_id": row.entry_id, "dev_eui": row.dev_eui, **fields,
-            "frame": base64.b64encode(row.frame).decode("ascii"),
+            "bundle_id": row.bundle_id,
+            "bundle": row.bundle.hex() if row.bundle is not None else None,
             "received_at": row.received_at, "gateway": row.gateway,
             "stored_at": row.stored_at}
 

@@ -1,4 +1,4 @@
-"""Ed25519 verification of meter frames, the only place the ledger node calls a crypto library.
+"""Ed25519 verification of meter bundles, the only place the ledger node calls a crypto library.
 
 Kept apart so the library can be swapped for a faster one (verification is
 the ledger's main CPU cost) without touching admission or the check.
@@ -21,12 +21,12 @@ def import_public_key(raw: bytes):
     return eddsa.import_public_key(bytes(raw))
 
 
-def verify_reading(key, dev_eui: bytes, reading: frame.Reading) -> bool:
-    """True when the reading's signature is the device's over
+def verify_bundle(key, dev_eui: bytes, bundle: frame.Bundle) -> bool:
+    """True when the bundle's signature is the device's over
     frame.signed_message(dev_eui, body)."""
-    message = frame.signed_message(dev_eui, reading.body)
+    message = frame.signed_message(dev_eui, bundle.body)
     try:
-        eddsa.new(key, "rfc8032").verify(message, reading.signature)
+        eddsa.new(key, "rfc8032").verify(message, bundle.signature)
     except ValueError:
         return False
     return True

@@ -1,12 +1,13 @@
-"""SQLite storage for the ledger node: enrolled devices, admitted readings, counters.
+"""SQLite storage for the ledger node: enrolled devices, admitted bundles and readings, counters.
 
 Everything that touches SQL lives here, behind a narrow interface: writes go
 through one transaction object handed out by `Store.writing()` under a single
 writer lock; reads open their own short-lived connections so a long consistency
 check never holds up admission (WAL mode lets readers and the writer run side
-by side). The store keeps the frame bytes exactly as received; the decoded
-columns beside them are an index for queries, and `ledger_node.check` re-derives
-them from the frame to catch any edit made behind the node's back.
+by side). Each admitted bundle's bytes are kept once, exactly as the meter
+signed them; every reading row points at the bundle that proves it, and its
+columns are an index for queries that `ledger_node.check` re-derives from the
+bundle to catch any edit made behind the node's back.
 
 Durability: WAL with synchronous=FULL, so a transaction is on disk when
 `writing()` returns, before any HTTP response is sent.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Kept as one script so docs/ledger.md can quote it and a reviewer sees the
 # whole layout at once.
@@ -35,32 +36,43 @@ CREATE TABLE IF NOT EXISTS devices (
     community   TEXT,
     enrolled_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bundles (
+    bundle_id   INTEGER PRIMARY KEY AUTOINCREMENT,
+    dev_eui     TEXT NOT NULL REFERENCES devices(dev_eui),
+    first_seq   INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    data        BLOB NOT NULL,
+    received_at REAL,
+    gateway     TEXT,
+    stored_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bundles_by_seq ON bundles (dev_eui, first_seq);
 CREATE TABLE IF NOT EXISTS readings (
     entry_id    INTEGER PRIMARY KEY AUTOINCREMENT,
     dev_eui     TEXT NOT NULL REFERENCES devices(dev_eui),
     seq         INTEGER NOT NULL,
     t_end       INTEGER NOT NULL,
-    interval_s  INTEGER NOT NULL,
     import_dwh  INTEGER NOT NULL,
     export_dwh  INTEGER NOT NULL,
-    irms_ca     INTEGER NOT NULL,
-    vrms_dv     INTEGER NOT NULL,
     flags       INTEGER NOT NULL,
-    frame       BLOB NOT NULL,
-    received_at REAL,
-    gateway     TEXT,
+    bundle_id   INTEGER NOT NULL REFERENCES bundles(bundle_id),
     stored_at   REAL NOT NULL,
     UNIQUE (dev_eui, seq)
 );
 CREATE INDEX IF NOT EXISTS readings_by_time ON readings (dev_eui, t_end);
+CREATE INDEX IF NOT EXISTS readings_by_bundle ON readings (bundle_id);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
 """
 
-_READING_COLS = ("entry_id, dev_eui, seq, t_end, interval_s, import_dwh, export_dwh, "
-                 "irms_ca, vrms_dv, flags, frame, received_at, gateway, stored_at")
+_READING_COLS = "entry_id, dev_eui, seq, t_end, import_dwh, export_dwh, flags, bundle_id, stored_at"
+# A reading with the bundle that proves it, for queries.
+_READING_JOIN = ("r.entry_id, r.dev_eui, r.seq, r.t_end, r.import_dwh, r.export_dwh, r.flags, "
+                 "r.bundle_id, r.stored_at, b.data, b.received_at, b.gateway "
+                 "FROM readings r LEFT JOIN bundles b ON b.bundle_id = r.bundle_id")
+_BUNDLE_COLS = "bundle_id, dev_eui, first_seq, last_seq, data, received_at, gateway, stored_at"
 _DEVICE_COLS = "dev_eui, public_key, meter_model, board, community, enrolled_at"
 
 
@@ -94,13 +106,24 @@ class StoredReading:
     dev_eui: str
     seq: int
     t_end: int
-    interval_s: int
     import_dwh: int
     export_dwh: int
-    irms_ca: int
-    vrms_dv: int
     flags: int
-    frame: bytes
+    bundle_id: int
+    stored_at: float
+    # From the bundle, in queries that join it (None when it is missing).
+    bundle: bytes | None = None
+    received_at: float | None = None
+    gateway: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBundle:
+    bundle_id: int
+    dev_eui: str
+    first_seq: int
+    last_seq: int
+    data: bytes  # body + signature, as the meter signed them
     received_at: float | None
     gateway: str | None
     stored_at: float
@@ -111,7 +134,13 @@ def _device(row) -> Device:
 
 
 def _reading(row) -> StoredReading:
-    return StoredReading(*row[:10], bytes(row[10]), *row[11:])
+    if len(row) > 9:
+        return StoredReading(*row[:9], None if row[9] is None else bytes(row[9]), *row[10:])
+    return StoredReading(*row)
+
+
+def _bundle(row) -> StoredBundle:
+    return StoredBundle(*row[:4], bytes(row[4]), *row[5:])
 
 
 class WriteTxn:
@@ -153,18 +182,37 @@ class WriteTxn:
             (dev_eui, seq, without_flags)).fetchone()
         return _reading(row) if row else None
 
-    def insert_reading(self, dev_eui: str, fields: dict, frame: bytes,
-                       received_at: float | None, gateway: str | None) -> int:
-        """Store one verified frame; `fields` are its decoded values
-        (meter.frame.Reading.as_dict()). Returns the new entry_id."""
+    def insert_bundle(self, dev_eui: str, first_seq: int, last_seq: int, data: bytes,
+                      received_at: float | None, gateway: str | None) -> int:
+        """Store a verified bundle's bytes; returns the new bundle_id."""
         cur = self._conn.execute(
-            "INSERT INTO readings (dev_eui, seq, t_end, interval_s, import_dwh, export_dwh, "
-            "irms_ca, vrms_dv, flags, frame, received_at, gateway, stored_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (dev_eui, fields["seq"], fields["t_end"], fields["interval_s"],
-             fields["import_dwh"], fields["export_dwh"], fields["irms_ca"],
-             fields["vrms_dv"], fields["flags"], frame, received_at, gateway, time.time()))
+            "INSERT INTO bundles (dev_eui, first_seq, last_seq, data, received_at, gateway, "
+            "stored_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (dev_eui, first_seq, last_seq, bytes(data), received_at, gateway, time.time()))
         return cur.lastrowid
+
+    def insert_reading(self, dev_eui: str, fields: dict, bundle_id: int) -> int:
+        """Store one reading of a stored bundle; `fields` are its decoded
+        values (meter.frame.Reading.as_dict()). Returns the new entry_id."""
+        cur = self._conn.execute(
+            "INSERT INTO readings (dev_eui, seq, t_end, import_dwh, export_dwh, flags, bundle_id, "
+            "stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (dev_eui, fields["seq"], fields["t_end"], fields["import_dwh"],
+             fields["export_dwh"], fields["flags"], bundle_id, time.time()))
+        return cur.lastrowid
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Part of the transaction that is undone on its own when the block
+        raises (one bundle of a batch)."""
+        self._conn.execute("SAVEPOINT item")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO item")
+            self._conn.execute("RELEASE item")
+            raise
+        self._conn.execute("RELEASE item")
 
     def count(self, name: str, n: int = 1) -> None:
         self._conn.execute(
@@ -182,10 +230,23 @@ class Snapshot:
         return [_device(r) for r in self._conn.execute(
             f"SELECT {_DEVICE_COLS} FROM devices ORDER BY dev_eui")]
 
-    def readings(self) -> Iterator[StoredReading]:
-        """Every stored reading, grouped by device, in insertion order."""
+    def device_euis(self) -> list[str]:
+        """Every DevEUI that is enrolled or has data, in order."""
+        return [r[0] for r in self._conn.execute(
+            "SELECT dev_eui FROM devices UNION SELECT dev_eui FROM bundles "
+            "UNION SELECT dev_eui FROM readings ORDER BY 1")]
+
+    def bundles(self, dev_eui: str) -> Iterator[StoredBundle]:
         for row in self._conn.execute(
-                f"SELECT {_READING_COLS} FROM readings ORDER BY dev_eui, entry_id"):
+                f"SELECT {_BUNDLE_COLS} FROM bundles WHERE dev_eui = ? ORDER BY bundle_id",
+                (dev_eui,)):
+            yield _bundle(row)
+
+    def readings(self, dev_eui: str) -> Iterator[StoredReading]:
+        """The device's readings in seq order."""
+        for row in self._conn.execute(
+                f"SELECT {_READING_COLS} FROM readings WHERE dev_eui = ? ORDER BY seq, entry_id",
+                (dev_eui,)):
             yield _reading(row)
 
 
@@ -237,6 +298,11 @@ class Store:
                              f"ledger node ({SCHEMA_VERSION})")
         if version == SCHEMA_VERSION:
             return
+        if version == 1:
+            raise StoreError(f"{self.path}: schema version 1 holds readings in the retired "
+                             "single-reading frame format, which this ledger node cannot "
+                             "verify; keep that file with the release that wrote it and start "
+                             "a new database")
         if version == 0:
             has_tables = conn.execute(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
@@ -321,24 +387,31 @@ class Store:
             return [_device(r) for r in conn.execute(
                 f"SELECT {_DEVICE_COLS} FROM devices ORDER BY dev_eui")]
 
+    def latest_seqs(self) -> dict[str, int]:
+        """The highest stored seq of each device that has readings."""
+        with self._reader() as conn:
+            return dict(conn.execute("SELECT dev_eui, max(seq) FROM readings GROUP BY dev_eui"))
+
     def readings(self, dev_eui: str | None = None, t_from: float | None = None,
-                 t_to: float | None = None, limit: int = 1000) -> list[StoredReading]:
-        """Readings ordered by (dev_eui, seq), with t_from <= t_end < t_to."""
+                 t_to: float | None = None, limit: int | None = 1000) -> list[StoredReading]:
+        """Readings ordered by (dev_eui, seq), with t_from <= t_end < t_to,
+        each with its bundle's bytes, receipt time and gateway; all of them
+        when limit is None."""
         where, args = [], []
         if dev_eui is not None:
-            where.append("dev_eui = ?")
+            where.append("r.dev_eui = ?")
             args.append(dev_eui)
         if t_from is not None:
-            where.append("t_end >= ?")
+            where.append("r.t_end >= ?")
             args.append(t_from)
         if t_to is not None:
-            where.append("t_end < ?")
+            where.append("r.t_end < ?")
             args.append(t_to)
-        sql = f"SELECT {_READING_COLS} FROM readings"
+        sql = f"SELECT {_READING_JOIN}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY dev_eui, seq LIMIT ?"
-        args.append(limit)
+        sql += " ORDER BY r.dev_eui, r.seq LIMIT ?"
+        args.append(-1 if limit is None else limit)  # SQLite: a negative limit is none
         with self._reader() as conn:
             return [_reading(r) for r in conn.execute(sql, args)]
 
@@ -352,6 +425,7 @@ class Store:
             conn.execute("BEGIN")
             try:
                 n_devices = conn.execute("SELECT count(*) FROM devices").fetchone()[0]
+                n_bundles = conn.execute("SELECT count(*) FROM bundles").fetchone()[0]
                 n_readings = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
                 latest = conn.execute(
                     "SELECT r.dev_eui, m.n, r.seq, r.t_end, r.import_dwh, r.export_dwh "
@@ -365,4 +439,5 @@ class Store:
                   "import_dwh": imp, "export_dwh": exp}
             for dev, n, seq, t_end, imp, exp in latest
         }
-        return {"devices": n_devices, "readings": n_readings, "per_device": per_device}
+        return {"devices": n_devices, "bundles": n_bundles, "readings": n_readings,
+                "per_device": per_device}

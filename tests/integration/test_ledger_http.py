@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import logging
@@ -36,18 +35,18 @@ class Meter:
         self.key = ECC.generate(curve="Ed25519")
         self.public_key = self.key.public_key().export_key(format="raw")
 
-    def frame(self, seq: int, import_dwh: int | None = None, key=None) -> bytes:
-        body = frame.encode_body(seq=seq, t_end=T0 + 900 * seq, interval_s=900,
-                                 import_dwh=1000 * seq if import_dwh is None else import_dwh,
-                                 export_dwh=0, irms_ca=420, vrms_dv=2310, flags=0)
+    def bundle(self, *seqs: int, import_dwh: dict | None = None, key=None) -> bytes:
+        """Consecutive readings every 900 s, 100.0 Wh each unless import_dwh
+        {seq: value} says otherwise."""
+        over = import_dwh or {}
+        body = frame.encode_body([(s, T0 + 900 * s, over.get(s, 1000 * s), 0, 0) for s in seqs])
         sig = eddsa.new(key or self.key, "rfc8032").sign(
             frame.signed_message(bytes.fromhex(self.dev_eui), body))
         return frame.assemble(body, sig)
 
-    def item(self, seq: int, **kw) -> dict:
-        return {"dev_eui": self.dev_eui,
-                "frame": base64.b64encode(self.frame(seq, **kw)).decode(),
-                "received_at": T0 + 900 * seq + 2.5, "gateway": "gw-1"}
+    def item(self, *seqs: int, **kw) -> dict:
+        return {"dev_eui": self.dev_eui, "bundle": self.bundle(*seqs, **kw).hex(),
+                "received_at": T0 + 900 * seqs[-1] + 2.5, "gateway": "gw-1"}
 
     def enrollment(self) -> dict:
         return {"dev_eui": self.dev_eui, "public_key": self.public_key.hex(),
@@ -90,8 +89,8 @@ def meter(server):
     return m
 
 
-def post_readings(server, items, token=TOKEN):
-    return call(server.url + "/v1/readings", "POST", {"readings": items}, token=token)
+def post_bundles(server, items, token=TOKEN):
+    return call(server.url + "/v1/bundles", "POST", {"bundles": items}, token=token)
 
 
 def test_health_and_unknown_paths(server):
@@ -99,6 +98,9 @@ def test_health_and_unknown_paths(server):
     status, body = call(server.url + "/v2/everything")
     assert status == 404 and body["error"] == "not_found" and "/v2/everything" in body["message"]
     status, body = call(server.url + "/v1/readings", "DELETE")
+    assert status == 405 and body["error"] == "method_not_allowed"
+    # Readings are written only as bundles now.
+    status, body = call(server.url + "/v1/readings", "POST", {"readings": []})
     assert status == 405 and body["error"] == "method_not_allowed"
 
 
@@ -116,20 +118,23 @@ def test_enrollment_over_http(server):
 
     status, body = call(url)
     assert status == 200
-    assert body["devices"] == [{**m.enrollment(), "enrolled_at": body["devices"][0]["enrolled_at"]}]
+    assert body["devices"] == [{**m.enrollment(), "enrolled_at": body["devices"][0]["enrolled_at"],
+                                "latest_seq": None}]
+    assert post_bundles(server, [m.item(4, 5, 6), m.item(1)])[0] == 200
+    assert [d["latest_seq"] for d in call(url)[1]["devices"]] == [6]
 
 
 def test_writers_need_the_token_readers_do_not(server, meter):
     for token in (None, "wrong-token", TOKEN + "x"):
-        status, body = post_readings(server, [meter.item(1)], token=token)
+        status, body = post_bundles(server, [meter.item(1)], token=token)
         assert status == 401 and body["error"] == "unauthorized"
         status, body = call(server.url + "/v1/devices", "POST", Meter("00000000000000aa")
                             .enrollment(), token=token)
         assert status == 401
     assert call(server.url + "/v1/readings", token=None) == (200, {"readings": [],
                                                                    "more": False})
-    status, body = post_readings(server, [meter.item(1)])
-    assert status == 200 and body["results"][0]["status"] == "stored"
+    status, body = post_bundles(server, [meter.item(1)])
+    assert status == 200 and body["results"][0]["status"] == "ok"
 
 
 def test_without_a_token_writes_are_open(db):
@@ -141,17 +146,24 @@ def test_without_a_token_writes_are_open(db):
 def test_batch_results_keep_item_order(server, meter, caplog):
     caplog.set_level(logging.WARNING, logger="ledger_node")
     intruder = ECC.generate(curve="Ed25519")
-    items = [meter.item(1), meter.item(2), meter.item(1), meter.item(3, key=intruder),
-             {"dev_eui": EUI, "frame": "%%%"}, Meter("00000000000000bb").item(1),
-             meter.item(2, import_dwh=5)]
-    status, body = post_readings(server, items)
+    items = [meter.item(1, 2), meter.item(2, 3), meter.item(1, 2), meter.item(4, key=intruder),
+             {"dev_eui": EUI, "bundle": "%%%"}, Meter("00000000000000bb").item(1),
+             meter.item(3, import_dwh={3: 5})]
+    status, body = post_bundles(server, items)
     assert status == 200
-    got = [(r["status"], r["reason"]) for r in body["results"]]
-    assert got == [("stored", None), ("stored", None), ("duplicate", None),
-                   ("rejected", "bad_signature"), ("rejected", "malformed"),
-                   ("rejected", "unknown_device"), ("rejected", "conflict")]
-    assert body["results"][2]["entry_id"] == body["results"][0]["entry_id"]
-    assert all(r["entry_id"] is None and r["message"] for r in body["results"][3:])
+    res = body["results"]
+    assert [(r["status"], r["reason"]) for r in res] == [
+        ("ok", None), ("ok", None), ("ok", None), ("rejected", "bad_signature"),
+        ("rejected", "malformed"), ("rejected", "unknown_device"), ("rejected", "conflict")]
+    assert [(r["stored"], r["duplicate"]) for r in res[:3]] == [(2, 0), (1, 1), (0, 2)]
+    assert [(r["seq"], r["status"]) for r in res[1]["readings"]] == [(2, "duplicate"),
+                                                                    (3, "stored")]
+    first_ids = [r["entry_id"] for r in res[0]["readings"]]
+    assert [r["entry_id"] for r in res[2]["readings"]] == first_ids
+    assert res[1]["readings"][0]["entry_id"] == first_ids[1]
+    assert isinstance(res[0]["bundle_id"], int) and res[2]["bundle_id"] is None
+    assert all(r["bundle_id"] is None and r["readings"] == [] and r["message"]
+               for r in res[3:])
     logged = caplog.text
     for reason in ("bad_signature", "malformed", "unknown_device", "conflict"):
         assert reason in logged
@@ -160,17 +172,21 @@ def test_batch_results_keep_item_order(server, meter, caplog):
 def test_query_readings(server, meter):
     other = Meter("70b3d57ed0000002")
     call(server.url + "/v1/devices", "POST", other.enrollment())
-    post_readings(server, [meter.item(s) for s in range(1, 11)] + [other.item(1)])
+    post_bundles(server, [meter.item(1, 2, 3), meter.item(4, 5, 6), meter.item(7, 8, 9, 10),
+                          other.item(1)])
 
     status, body = call(server.url + f"/v1/readings?dev_eui={EUI}&from={T0 + 900 * 3}"
                                      f"&to={T0 + 900 * 6}", token=None)
     assert status == 200 and not body["more"]
     assert [r["seq"] for r in body["readings"]] == [3, 4, 5]
     r = body["readings"][0]
-    assert (r["dev_eui"], r["t_end"], r["interval_s"], r["import_dwh"], r["export_dwh"],
-            r["irms_ca"], r["vrms_dv"], r["flags"], r["gateway"]) == \
-        (EUI, T0 + 2700, 900, 3000, 0, 420, 2310, 0, "gw-1")
-    assert base64.b64decode(r["frame"]) == meter.frame(3)
+    assert (r["dev_eui"], r["t_end"], r["import_dwh"], r["export_dwh"], r["flags"],
+            r["gateway"]) == (EUI, T0 + 2700, 3000, 0, 0, "gw-1")
+    assert "interval_s" not in r and "irms_ca" not in r
+    # Each reading comes with the bundle that proves it.
+    assert bytes.fromhex(r["bundle"]) == meter.bundle(1, 2, 3)
+    assert bytes.fromhex(body["readings"][1]["bundle"]) == meter.bundle(4, 5, 6)
+    assert body["readings"][1]["bundle_id"] == body["readings"][2]["bundle_id"] != r["bundle_id"]
     assert r["received_at"] == T0 + 2700 + 2.5 and isinstance(r["entry_id"], int)
 
     status, body = call(server.url + f"/v1/readings?dev_eui={EUI.upper()}&limit=4")
@@ -189,14 +205,14 @@ def test_query_readings(server, meter):
 @pytest.mark.parametrize("raw,code", [
     (b"this is not json", "bad_json"),
     (b"\xff\xfe{}", "bad_json"),
-    (b'{"readings": [NaN]}', "bad_json"),
+    (b'{"bundles": [NaN]}', "bad_json"),
     (b"[" * 100_000 + b"]" * 100_000, "bad_json"),
     (b"[]", "bad_request"),
-    (b'{"items": []}', "bad_request"),
-    (b'{"readings": {"dev_eui": "x"}}', "bad_request"),
+    (b'{"readings": []}', "bad_request"),
+    (b'{"bundles": {"dev_eui": "x"}}', "bad_request"),
 ])
 def test_bodies_that_are_not_a_batch_get_400(server, raw, code):
-    status, body = call(server.url + "/v1/readings", "POST", raw=raw)
+    status, body = call(server.url + "/v1/bundles", "POST", raw=raw)
     assert status == 400 and body["error"] == code and body["message"]
     assert call(server.url + "/v1/health")[0] == 200
 
@@ -207,13 +223,13 @@ def test_enrollment_body_must_be_json(server):
 
 
 def test_oversized_body_and_batch_get_413(server, meter):
-    status, body = call(server.url + "/v1/readings", "POST",
+    status, body = call(server.url + "/v1/bundles", "POST",
                         raw=b" " * (4 * 1024 * 1024 + 1))
     assert (status, body["error"]) == (413, "too_large")
-    status, body = post_readings(server, [meter.item(1)] * 1001)
+    status, body = post_bundles(server, [meter.item(1)] * 1001)
     assert (status, body["error"]) == (413, "too_many_items")
     assert "1001" in body["message"]
-    status, body = post_readings(server, [meter.item(1)] * 1000)
+    status, body = post_bundles(server, [meter.item(1)] * 1000)
     assert status == 200 and len(body["results"]) == 1000
     assert call(server.url + "/v1/readings")[1]["readings"][0]["seq"] == 1
 
@@ -221,8 +237,8 @@ def test_oversized_body_and_batch_get_413(server, meter):
 def test_garbage_on_the_socket_does_not_stop_the_server(server):
     host, port = server.url.rsplit("/", 1)[1].split(":")
     for junk in (b"\x00\x01\x02 garbage\r\n\r\n", b"GET\r\n\r\n",
-                 b"POST /v1/readings HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
-                 b"POST /v1/readings HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"rea"):
+                 b"POST /v1/bundles HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+                 b"POST /v1/bundles HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"bun"):
         with socket.create_connection((host, int(port)), timeout=5) as s:
             s.sendall(junk)
             s.shutdown(socket.SHUT_WR)
@@ -232,26 +248,28 @@ def test_garbage_on_the_socket_does_not_stop_the_server(server):
 
 
 def test_stats_count_every_outcome(server, meter):
-    post_readings(server, [meter.item(1), meter.item(2), meter.item(2),
-                           meter.item(3, import_dwh=1), {"dev_eui": EUI}])
-    post_readings(server, [meter.item(4)], token="nope")
+    post_bundles(server, [meter.item(1, 2), meter.item(2, 3), meter.item(2, 3),
+                          meter.item(4, import_dwh={4: 1}), {"dev_eui": EUI}])
+    post_bundles(server, [meter.item(5)], token="nope")
     call(server.url + "/nowhere")
     status, stats = call(server.url + "/v1/stats")
     assert status == 200
-    assert (stats["devices"], stats["readings"], stats["stored"], stats["duplicate"],
-            stats["rejected"]) == (1, 2, 2, 1, 2)
+    # Readings 1, 2, 3 stored; 2 once and 2, 3 again duplicates; two bundles kept.
+    assert (stats["devices"], stats["bundles"], stats["readings"], stats["bundles_stored"],
+            stats["stored"], stats["duplicate"], stats["rejected"]) == (1, 2, 3, 2, 3, 3, 2)
     assert stats["rejected_by_reason"] == {"registers_backwards": 1, "malformed": 1}
     assert stats["http_errors"] == {"unauthorized": 1, "not_found": 1}
-    assert stats["per_device"] == {EUI: {"readings": 2, "latest_seq": 2,
-                                         "latest_t_end": T0 + 1800, "import_dwh": 2000,
+    assert stats["per_device"] == {EUI: {"readings": 3, "latest_seq": 3,
+                                         "latest_t_end": T0 + 2700, "import_dwh": 3000,
                                          "export_dwh": 0}}
 
 
 def test_check_endpoint_sees_a_row_edited_in_the_file(server, db, meter):
-    status, body = post_readings(server, [meter.item(s) for s in range(1, 4)])
-    target = body["results"][1]["entry_id"]
-    assert call(server.url + "/v1/check") == (200, {"ok": True, "readings": 3, "devices": 1,
-                                                    "problems": [], "problems_total": 0})
+    status, body = post_bundles(server, [meter.item(1, 2, 3)])
+    target = body["results"][0]["readings"][1]["entry_id"]
+    assert call(server.url + "/v1/check") == (200, {"ok": True, "bundles": 1, "readings": 3,
+                                                    "devices": 1, "problems": [],
+                                                    "problems_total": 0})
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE readings SET import_dwh = import_dwh + 10000 WHERE entry_id = ?",
                      (target,))
@@ -261,6 +279,20 @@ def test_check_endpoint_sees_a_row_edited_in_the_file(server, db, meter):
     assert [(p["kind"], p["entry_id"], p["seq"]) for p in report["problems"]] == \
         [("column_mismatch", target, 2)]
     assert "import_dwh" in report["problems"][0]["message"]
+
+
+def test_in_process_enrollment_and_every_reading_of_a_device(server):
+    m = Meter("70b3d57ed00000cc")
+    device = server.api.enroll(m.enrollment())
+    assert (device["dev_eui"], device["public_key"]) == (m.dev_eui, m.public_key.hex())
+    # Past the 1000 a GET returns at once: 33 full bundles of 32 readings.
+    items = [m.item(*range(first, first + 32)) for first in range(1, 1057, 32)]
+    status, body = post_bundles(server, items)
+    assert status == 200 and all(r["stored"] == 32 for r in body["results"])
+    rows = server.api.readings_of(m.dev_eui.upper())
+    assert [r["seq"] for r in rows] == list(range(1, 1057))
+    assert rows[-1]["import_dwh"] == 1056 * 1000
+    assert bytes.fromhex(rows[-1]["bundle"]) == m.bundle(*range(1025, 1057))
 
 
 def test_stop_closes_the_port_and_idle_keep_alive_connections(db):
@@ -301,10 +333,11 @@ def test_accepted_readings_survive_a_killed_server_and_check_offline(tmp_path):
         m = Meter()
         assert call(url + "/v1/devices", "POST", m.enrollment(), token=None)[0] == 401
         assert call(url + "/v1/devices", "POST", m.enrollment())[0] == 201
-        status, body = call(url + "/v1/readings", "POST",
-                            {"readings": [m.item(s) for s in range(1, 6)]})
+        status, body = call(url + "/v1/bundles", "POST",
+                            {"bundles": [m.item(1, 2, 3), m.item(4, 5)]})
         assert status == 200
-        ids = [r["entry_id"] for r in body["results"]]
+        ids = [r["entry_id"] for res in body["results"] for r in res["readings"]]
+        bundle_ids = [res["bundle_id"] for res in body["results"]]
         # No shutdown at all: whatever was acknowledged must already be on disk.
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -316,19 +349,23 @@ def test_accepted_readings_survive_a_killed_server_and_check_offline(tmp_path):
 
     ok = _ledger_node("check", "--db", str(db))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "5 readings from 1 devices" in ok.stdout
+    assert "5 readings in 2 bundles from 1 devices: consistent" in ok.stdout
 
-    forged = bytearray(m.frame(1))
+    forged = bytearray(m.bundle(1, 2, 3))
     forged[-5] ^= 0x01
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE readings SET frame = ? WHERE entry_id = ?", (bytes(forged), ids[0]))
+        conn.execute("UPDATE bundles SET data = ? WHERE bundle_id = ?", (bytes(forged),
+                                                                         bundle_ids[0]))
     conn.close()
     bad = _ledger_node("check", "--db", str(db), "--json")
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert report["ok"] is False
-    assert [(p["kind"], p["entry_id"]) for p in report["problems"]] == \
-        [("bad_signature", ids[0])]
+    assert [(p["kind"], p["bundle_id"]) for p in report["problems"]] == \
+        [("bad_signature", bundle_ids[0])]
+    text = _ledger_node("check", "--db", str(db))
+    assert text.returncode == 1 and "1 problem(s)" in text.stdout
+    assert f"bad_signature: dev_eui={EUI} bundle={bundle_ids[0]}" in text.stdout
 
 
 def test_check_command_refuses_a_missing_database(tmp_path):

@@ -1,10 +1,14 @@
-"""Gateway without a network: parsing ChirpStack events, verifying signatures,
-duplicates, the device key cache and the durability of the outbox."""
+"""Gateway without a network: parsing ChirpStack events, verifying bundles, the
+accepted-seq ranges and resend planning, command keys, the device key cache and
+the durability of the gateway's SQLite state."""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from chirpstack_api import integration
@@ -14,18 +18,20 @@ from google.protobuf import json_format
 
 from gateway import chirpstack
 from gateway.chirpstack import Rejected
+from gateway.commands import CommandKeys, load_command_keys, parse_command_keys
 from gateway.forwarder import backoff_delay
 from gateway.ledger_client import LedgerClient
 from gateway.outbox import Outbox
-from gateway.registry import Registry, parse_devices
-from gateway.verify import SEQ_WINDOW, Verifier
+from gateway.registry import Registry, parse_devices, parse_latest_seqs
+from gateway.seqs import MAX_RANGES, SeqRanges, plan_resend
+from gateway.verify import Verifier
 from meter import frame
 from tools import runtime
 
 DEV_A = "70b3d57ed0000a01"
 DEV_B = "70b3d57ed0000b02"
-FIELDS = dict(t_end=1_767_225_600, interval_s=900, import_dwh=10_000, export_dwh=0,
-              irms_ca=523, vrms_dv=2305, flags=frame.FLAG_VOLTAGE_MEASURED)
+T0 = 1_767_225_600
+VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "frames.json").read_text())
 
 
 def new_key():
@@ -36,8 +42,10 @@ def raw_public(key) -> bytes:
     return key.public_key().export_key(format="raw")
 
 
-def signed(key, dev_eui: str, seq: int, **over) -> bytes:
-    body = frame.encode_body(**{**FIELDS, "seq": seq, **over})
+def signed(key, dev_eui: str, first: int, n: int = 1, import_dwh: int = 10_000) -> bytes:
+    """A bundle of n readings from seq `first`, every 900 s, 250.0 Wh each."""
+    body = frame.encode_body([(first + k, T0 + 900 * (first + k), import_dwh + 2500 * k, 0,
+                               frame.FLAG_VOLTAGE_MEASURED) for k in range(n)])
     sig = eddsa.new(key, "rfc8032").sign(frame.signed_message(bytes.fromhex(dev_eui), body))
     return frame.assemble(body, sig)
 
@@ -69,19 +77,37 @@ def verifier(keys):
 
 
 def check(verifier, dev_eui, payload, on_topic=None):
+    """What the gateway does with an uplink up to the outbox: parse, decode,
+    and for a bundle verify the signature."""
     up = chirpstack.parse_uplink(topic(on_topic or dev_eui), payload)
-    return verifier.verify(up)
+    item = verifier.check(up)
+    if isinstance(item, frame.Bundle):
+        return verifier.verify_bundle(up.dev_eui, item)
+    return item
 
 
-# -- good frames -------------------------------------------------------------
+# -- good bundles --------------------------------------------------------------
 
-def test_good_frame_is_verified_with_its_fields(keys, verifier):
-    data = signed(keys[DEV_A], DEV_A, 42, import_dwh=123_456)
-    v = check(verifier, DEV_A, event(DEV_A, data, dedup="d-1"))
-    assert v.dev_eui == DEV_A and v.seq == 42
-    assert v.frame == data
-    assert v.deduplication_id == "d-1"
-    assert v.reading.import_dwh == 123_456 and v.reading.interval_s == 900
+def test_good_bundle_is_verified_with_its_readings(keys, verifier):
+    data = signed(keys[DEV_A], DEV_A, 42, n=3, import_dwh=123_456)
+    b = check(verifier, DEV_A, event(DEV_A, data, dedup="d-1"))
+    assert (b.first_seq, b.last_seq) == (42, 44)
+    assert b.data() == data
+    assert [r.import_dwh for r in b.readings] == [123_456, 125_956, 128_456]
+
+
+def test_vector_bundles_verify_with_the_vector_key():
+    v = Verifier({VECTORS["dev_eui"]: bytes.fromhex(VECTORS["public_key"])}.get)
+    for vec in VECTORS["bundles"]:
+        b = check(v, VECTORS["dev_eui"], event(VECTORS["dev_eui"], bytes.fromhex(vec["hex"])))
+        assert [r.as_dict() for r in b.readings] == vec["readings"], vec["name"]
+
+
+def test_a_fragment_is_decoded_not_verified(keys, verifier):
+    pieces = frame.fragment(signed(keys[DEV_A], DEV_A, 7, n=3), 51)
+    f = check(verifier, DEV_A, event(DEV_A, pieces[1]))
+    assert isinstance(f, frame.Fragment)
+    assert (f.tag, f.index, f.count) == (7, 1, len(pieces))
 
 
 def test_event_json_variants_chirpstack_versions_send(keys, verifier):
@@ -92,12 +118,12 @@ def test_event_json_variants_chirpstack_versions_send(keys, verifier):
     doc["adr"] = None
     doc["regionConfigId"] = None
     doc["someFutureField"] = {"x": 1}
-    v = check(verifier, DEV_A, json.dumps(doc).encode(), on_topic=DEV_A.upper())
-    assert v.dev_eui == DEV_A and v.seq == 1
+    b = check(verifier, DEV_A, json.dumps(doc).encode(), on_topic=DEV_A.upper())
+    assert b.first_seq == 1
 
 
 def test_urlsafe_base64_data_is_accepted(keys, verifier):
-    # Find a frame whose base64 contains characters that differ between alphabets.
+    # Find a bundle whose base64 contains characters that differ between alphabets.
     import base64
     for seq in range(1, 200):
         data = signed(keys[DEV_A], DEV_A, seq)
@@ -106,7 +132,7 @@ def test_urlsafe_base64_data_is_accepted(keys, verifier):
             break
     doc = json.loads(event(DEV_A, data))
     doc["data"] = base64.urlsafe_b64encode(data).decode().rstrip("=")
-    assert check(verifier, DEV_A, json.dumps(doc).encode()).frame == data
+    assert check(verifier, DEV_A, json.dumps(doc).encode()).data() == data
 
 
 # -- rejections while parsing the event --------------------------------------
@@ -153,27 +179,28 @@ def test_uplink_topic():
     assert chirpstack.uplink_topic("5f0e") == "application/5f0e/device/+/event/up"
 
 
-# -- rejections while verifying the reading ----------------------------------
+# -- rejections while verifying the bundle ----------------------------------
 
 def _flip(data: bytes, index: int) -> bytes:
     return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1:]
 
 
 @pytest.mark.parametrize("make,reason", [
-    (lambda k: event(DEV_A, signed(k, DEV_A, 1), f_port=2), "wrong_port"),
-    (lambda k: event(DEV_A, signed(k, DEV_A, 1), f_port=0), "wrong_port"),
     (lambda k: event(DEV_A, b""), "empty"),
     (lambda k: event(DEV_A, signed(k, DEV_A, 1)[:-1]), "truncated"),
     (lambda k: event(DEV_A, signed(k, DEV_A, 1) + b"\x00"), "oversized"),
     (lambda k: event(DEV_A, b"\x21" + signed(k, DEV_A, 1)[1:]), "version"),
-    (lambda k: event(DEV_A, b"\x12" + signed(k, DEV_A, 1)[1:]), "type"),
-    (lambda k: event(DEV_A, signed(k, DEV_A, 1)[:23] + b"\x80" + signed(k, DEV_A, 1)[24:]),
-     "field"),
+    (lambda k: event(DEV_A, b"\x18" + signed(k, DEV_A, 1)[1:]), "type"),  # a command
+    (lambda k: event(DEV_A, signed(k, DEV_A, 1)[:1] + b"\x00" + signed(k, DEV_A, 1)[2:]),
+     "field"),  # count 0
+    (lambda k: event(DEV_A, bytes.fromhex("12006421") + bytes(10)), "field"),  # piece 2 of 2
     (lambda k: event(DEV_A, _flip(signed(k, DEV_A, 1), 70)), "bad_signature"),  # signature bit
     (lambda k: event(DEV_A, _flip(signed(k, DEV_A, 1), 12)), "bad_signature"),  # energy bit
+    (lambda k: event(DEV_A, _flip(signed(k, DEV_A, 1, n=2), frame.HEAD_LEN)),
+     "bad_signature"),  # flags of the second reading
     (lambda k: event(DEV_A, signed(new_key(), DEV_A, 1)), "bad_signature"),  # someone else's key
 ])
-def test_bad_readings_are_rejected_with_reason(make, reason, keys, verifier):
+def test_bad_uplinks_are_rejected_with_reason(make, reason, keys, verifier):
     with pytest.raises(Rejected) as exc:
         check(verifier, DEV_A, make(keys[DEV_A]))
     assert exc.value.reason == reason
@@ -181,12 +208,20 @@ def test_bad_readings_are_rejected_with_reason(make, reason, keys, verifier):
     assert str(exc.value)
 
 
-def test_frame_replayed_under_another_device_fails(keys, verifier):
-    # B's own frame, sent as if from A: the EUI is part of what is signed.
+@pytest.mark.parametrize("case", VECTORS["invalid_uplinks"], ids=lambda c: c["name"])
+def test_invalid_vector_uplinks_get_the_codec_reason(case):
+    v = Verifier({VECTORS["dev_eui"]: bytes.fromhex(VECTORS["public_key"])}.get)
+    with pytest.raises(Rejected) as exc:
+        check(v, VECTORS["dev_eui"], event(VECTORS["dev_eui"], bytes.fromhex(case["hex"])))
+    assert exc.value.reason == case["reason"]
+
+
+def test_bundle_replayed_under_another_device_fails(keys, verifier):
+    # B's own bundle, sent as if from A: the EUI is part of what is signed.
     with pytest.raises(Rejected) as exc:
         check(verifier, DEV_A, event(DEV_A, signed(keys[DEV_B], DEV_B, 1)))
     assert exc.value.reason == "bad_signature"
-    # A's key over B's EUI is not A's reading either.
+    # A's key over B's EUI is not A's bundle either.
     with pytest.raises(Rejected) as exc:
         check(verifier, DEV_A, event(DEV_A, signed(keys[DEV_A], DEV_B, 1)))
     assert exc.value.reason == "bad_signature"
@@ -194,6 +229,7 @@ def test_frame_replayed_under_another_device_fails(keys, verifier):
 
 def test_unknown_device(verifier):
     dev = "0000000000000bad"
+    assert not verifier.has_key(dev)
     with pytest.raises(Rejected) as exc:
         check(verifier, dev, event(dev, signed(new_key(), dev, 1)))
     assert exc.value.reason == "unknown_device"
@@ -210,67 +246,122 @@ def test_enrolled_key_that_is_not_a_curve_point():
 def test_reenrolled_key_replaces_the_cached_one(keys):
     enrolled = {DEV_A: raw_public(keys[DEV_A])}
     v = Verifier(enrolled.get)
-    assert check(v, DEV_A, event(DEV_A, signed(keys[DEV_A], DEV_A, 1))).seq == 1
+    assert check(v, DEV_A, event(DEV_A, signed(keys[DEV_A], DEV_A, 1))).first_seq == 1
     replacement = new_key()
     enrolled[DEV_A] = raw_public(replacement)
-    assert check(v, DEV_A, event(DEV_A, signed(replacement, DEV_A, 2))).seq == 2
+    assert check(v, DEV_A, event(DEV_A, signed(replacement, DEV_A, 2))).first_seq == 2
     with pytest.raises(Rejected) as exc:
         check(v, DEV_A, event(DEV_A, signed(keys[DEV_A], DEV_A, 3)))
     assert exc.value.reason == "bad_signature"
 
 
-# -- duplicates ---------------------------------------------------------------
-
-def test_duplicates_only_after_remember(keys, verifier):
+def test_deduplication_id_is_a_duplicate_only_after_remember(keys, verifier):
     payload = event(DEV_A, signed(keys[DEV_A], DEV_A, 5), dedup="dup-1")
-    v = check(verifier, DEV_A, payload)
+    check(verifier, DEV_A, payload)
     # Not stored yet (say the disk was full): the same message must pass again.
-    assert check(verifier, DEV_A, payload).seq == 5
-    verifier.remember(v.dev_eui, v.seq, v.deduplication_id)
+    assert check(verifier, DEV_A, payload).first_seq == 5
+    verifier.remember("dup-1")
     with pytest.raises(Rejected) as exc:
         check(verifier, DEV_A, payload)
     assert exc.value.reason == "duplicate" and "dup-1" in str(exc.value)
-    # Same reading relayed under a new deduplication id.
-    with pytest.raises(Rejected) as exc:
-        check(verifier, DEV_A, event(DEV_A, signed(keys[DEV_A], DEV_A, 5), dedup="dup-2"))
-    assert exc.value.reason == "duplicate" and "seq 5" in str(exc.value)
 
 
-def test_duplicate_seq_is_per_device(keys, verifier):
-    verifier.remember(DEV_A, 5)
-    assert check(verifier, DEV_B, event(DEV_B, signed(keys[DEV_B], DEV_B, 5))).seq == 5
+# -- accepted seqs, gaps, resend planning --------------------------------------
+
+def test_ranges_merge_and_report_gaps_with_their_age():
+    r = SeqRanges()
+    r.add(1, 3, now=100.0)
+    r.add(7, 9, now=200.0)  # 4..6 missing since 200
+    r.add(13, 13, now=300.0)  # 10..12 missing since 300
+    assert [(g.first, g.last, g.since) for g in r.gaps()] == [(4, 6, 200.0), (10, 12, 300.0)]
+    assert r.missing() == 6 and r.highest == 13
+    assert r.all_accepted(7, 9) and not r.all_accepted(6, 9) and r.accepted(5, 8) == 2
+    r.add(5, 5, now=400.0)  # splits 4..6: both halves stay as old as the gap was
+    assert [(g.first, g.last, g.since) for g in r.gaps()] == [(4, 4, 200.0), (6, 6, 200.0),
+                                                              (10, 12, 300.0)]
+    r.add(4, 6, now=500.0)  # overlapping and adjacent runs merge
+    r.add(10, 12, now=500.0)
+    assert [(x.lo, x.hi) for x in r.ranges] == [(1, 13)] and r.gaps() == []
 
 
-def test_forged_frame_with_a_used_seq_is_a_bad_signature(keys, verifier):
-    verifier.remember(DEV_A, 5)
-    with pytest.raises(Rejected) as exc:
-        check(verifier, DEV_A, event(DEV_A, signed(new_key(), DEV_A, 5)))
-    assert exc.value.reason == "bad_signature"
+def test_ranges_give_up_the_oldest_gaps_beyond_the_bound():
+    r = SeqRanges()
+    for k in range(MAX_RANGES + 5):
+        r.add(10 * k, 10 * k, now=float(k))
+    assert r.trim() == 5
+    assert len(r.ranges) == MAX_RANGES and r.ranges[0].lo == 50
+    # Below the lowest run nothing is known: not accepted, not a gap.
+    assert not r.all_accepted(0, 0) and r.gaps()[0].first == 51
 
 
-def test_out_of_order_seqs_inside_the_window(keys, verifier):
-    def accept(seq):
-        v = check(verifier, DEV_A, event(DEV_A, signed(keys[DEV_A], DEV_A, seq)))
-        verifier.remember(v.dev_eui, v.seq)
+def test_resend_plan_waits_for_the_gap_to_settle_and_stops_asking():
+    r = SeqRanges()
+    r.add(1, 3, now=0.0)
+    r.add(7, 9, now=1000.0)
+    assert plan_resend(r, now=1500.0, after_s=600, max_asks=2) is None  # 500 s old
+    assert plan_resend(r, now=1600.0, after_s=600, max_asks=2) == (4, 3)
+    r.mark_asked(4, 6)
+    assert plan_resend(r, now=1600.0, after_s=600, max_asks=2) == (4, 3)
+    r.mark_asked(4, 6)
+    assert plan_resend(r, now=1600.0, after_s=600, max_asks=2) is None  # given up
 
-    def is_duplicate(seq):
-        try:
-            check(verifier, DEV_A, event(DEV_A, signed(keys[DEV_A], DEV_A, seq)))
-        except Rejected as exc:
-            assert exc.reason == "duplicate"
-            return True
-        return False
 
-    oldest = 2001 - SEQ_WINDOW + 1  # the last seq the window still covers below 2001
-    for seq in [2000, 1997, 1999, 2001, oldest]:
-        accept(seq)
-    assert [is_duplicate(s) for s in (1997, 1999, 2000, 2001, oldest)] == [True] * 5
-    assert [is_duplicate(s) for s in (1998, 2002, oldest + 1, oldest - 1)] == [False] * 4
-    accept(2200)
-    assert [is_duplicate(s) for s in (1997, 2001, 2200)] == [True] * 3
-    # `oldest` has slid out of the window behind 2200: the gateway no longer
-    # knows it and lets the ledger (which answers "duplicate") decide.
-    assert not is_duplicate(oldest)
+def test_resend_plan_joins_nearby_gaps_into_one_request():
+    r = SeqRanges()
+    for lo, hi in [(1, 3), (7, 8), (12, 30), (40, 41)]:
+        r.add(lo, hi, now=0.0)
+    # Gaps 4..6 (3 missing), 9..11 (3), 31..39 (9). Two readings held between
+    # the first two gaps: one request. 19 held before the third: its own.
+    assert plan_resend(r, now=10.0, after_s=1, max_asks=5) == (4, 8)
+    r.mark_asked(4, 11)
+    assert [g.asked for g in r.gaps()] == [1, 1, 0]
+    assert plan_resend(r, now=10.0, after_s=1, max_asks=1) == (31, 9)
+
+
+# -- command keys -----------------------------------------------------------------
+
+def test_command_keys_file_is_checked_entry_by_entry(tmp_path):
+    good = {DEV_A.upper(): "00112233445566778899aabbccddeeff"}
+    assert parse_command_keys(good) == {DEV_A: bytes.fromhex("00112233445566778899aabbccddeeff")}
+    for doc, words in [([], "JSON object"),
+                       ({"70b3d57e": "00" * 16}, "'70b3d57e'"),
+                       ({DEV_A: "00" * 15}, DEV_A),
+                       ({DEV_A: 7}, "32 hex digits"),
+                       ({DEV_A: "00" * 16, DEV_A.upper(): "11" * 16}, "twice")]:
+        with pytest.raises(ValueError, match=words):
+            parse_command_keys(doc)
+    path = tmp_path / "keys.json"
+    with pytest.raises(ValueError, match="cannot read"):
+        load_command_keys(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{path}: not JSON"):
+        load_command_keys(path)
+
+
+def test_command_keys_reload_when_the_file_changes_and_keep_the_old_on_error(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({DEV_A: "01" * 16}))
+    os.chmod(path, 0o600)
+    keys = CommandKeys(path)
+    assert keys.get(DEV_A) == b"\x01" * 16 and keys.get(DEV_B) is None
+    assert not keys.reload_if_changed()
+    path.write_text(json.dumps({DEV_A: "01" * 16, DEV_B: "02" * 16}))
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert keys.reload_if_changed() and keys.get(DEV_B) == b"\x02" * 16
+    path.write_text(json.dumps({DEV_A: "short"}))
+    os.utime(path, ns=(time.time_ns() + 2 * 10**9, time.time_ns() + 2 * 10**9))
+    assert not keys.reload_if_changed()
+    assert len(keys) == 2 and keys.get(DEV_B) == b"\x02" * 16
+    assert len(CommandKeys(None)) == 0
+
+
+def test_keys_file_readable_by_others_is_warned_about(tmp_path, caplog):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({DEV_A: "00" * 16}))
+    os.chmod(path, 0o644)
+    with caplog.at_level("WARNING", logger="gateway.commands"):
+        assert len(load_command_keys(path)) == 1
+    assert "chmod 600" in caplog.text
 
 
 # -- device key registry -------------------------------------------------------
@@ -299,17 +390,31 @@ def _offline_client():
     return LedgerClient(f"http://127.0.0.1:{runtime.free_port()}", timeout=2)
 
 
+def test_latest_seqs_say_what_the_ledger_holds():
+    doc = {"devices": [{"dev_eui": DEV_A.upper(), "public_key": "11" * 32, "latest_seq": 41},
+                       {"dev_eui": DEV_B, "public_key": "11" * 32, "latest_seq": None},
+                       {"dev_eui": "70b3d57ed0000c03", "public_key": "11" * 32},
+                       {"dev_eui": "70b3d57ed0000d04", "latest_seq": "many"},
+                       {"dev_eui": "70b3d57ed0000e05", "latest_seq": True}]}
+    # None: the ledger holds nothing (0); a missing or bad value: not known.
+    assert parse_latest_seqs(doc) == {DEV_A: 41, DEV_B: 0}
+    assert parse_latest_seqs({"items": []}) == {}
+
+
 def test_registry_cache_round_trip(tmp_path, keys):
     cache = tmp_path / "devices.json"
     enrolled = {dev: raw_public(k) for dev, k in keys.items()}
     first = Registry(_offline_client(), cache)
-    first.replace(enrolled)
+    first.replace(enrolled, {DEV_A: 17, DEV_B: 0})
     assert first.key_for(DEV_A) == enrolled[DEV_A]
+    assert (first.latest_seq(DEV_A), first.latest_seq(DEV_B)) == (17, 0)
 
     second = Registry(_offline_client(), cache)
     assert second.key_for(DEV_A) is None
     assert second.load_cache() == 2
     assert second.key_for(DEV_A) == enrolled[DEV_A] and second.key_for(DEV_B) == enrolled[DEV_B]
+    assert (second.latest_seq(DEV_A), second.latest_seq(DEV_B)) == (17, 0)
+    assert second.latest_seq("70b3d57ed0000c03") is None
     # The ledger is down: the refresh fails, says why, and the cached keys stay.
     assert second.refresh() is False
     assert second.last_error
@@ -343,37 +448,96 @@ def test_unknown_device_refresh_is_rate_limited(tmp_path):
     assert reg.last_error is None  # periodic refresh waits the full interval
 
 
-# -- outbox ---------------------------------------------------------------------
+# -- gateway state (outbox.sqlite) ------------------------------------------------
 
 def test_outbox_survives_reopen(tmp_path, keys):
     path = tmp_path / "outbox.sqlite"
-    frames = {seq: signed(keys[DEV_A], DEV_A, seq) for seq in (1, 2, 3)}
+    bundles = {seq: signed(keys[DEV_A], DEV_A, seq, n=2) for seq in (1, 3, 5)}
     box = Outbox(path)
-    for seq, data in frames.items():
-        assert box.put(DEV_A, seq, data, 1000.0 + seq)
-    assert box.put(DEV_B, 1, b"b-frame", 1001.5)
-    assert box.put(DEV_A, 2, frames[2], 9999.0) is False  # already queued
+    for seq, data in bundles.items():
+        assert box.store_bundle(DEV_A, data, seq, seq + 1, 1000.0 + seq)
+    assert box.store_bundle(DEV_B, b"b-bundle", 1, 1, 1001.5)
+    assert box.store_bundle(DEV_A, bundles[3], 3, 4, 9999.0) is False  # already queued
     box.close()
 
     box = Outbox(path)
     items = box.pending(10)
-    assert [(i.dev_eui, i.seq) for i in items] == [(DEV_A, 1), (DEV_A, 2), (DEV_A, 3), (DEV_B, 1)]
-    assert [i.frame for i in items[:3]] == [frames[1], frames[2], frames[3]]
-    assert items[1].received_at == 1002.0
-    assert box.put(DEV_A, 3, frames[3], 1.0) is False  # still known after reopening
+    assert [(i.dev_eui, i.first_seq, i.last_seq) for i in items] == [
+        (DEV_A, 1, 2), (DEV_A, 3, 4), (DEV_A, 5, 6), (DEV_B, 1, 1)]
+    assert [i.bundle for i in items[:3]] == [bundles[1], bundles[3], bundles[5]]
+    assert items[1].received_at == 1003.0
+    assert box.store_bundle(DEV_A, bundles[5], 5, 6, 1.0) is False  # still known after reopening
     assert box.depth() == 4
-    assert [i.seq for i in box.pending(2)] == [1, 2]
+    assert [i.first_seq for i in box.pending(2)] == [1, 3]
 
     box.acknowledge([items[0].id, items[3].id])
     box.reject(items[1], "registers_backwards", "import went down")
     box.close()
 
     box = Outbox(path)
-    assert [(i.dev_eui, i.seq) for i in box.pending(10)] == [(DEV_A, 3)]
+    assert [(i.dev_eui, i.first_seq) for i in box.pending(10)] == [(DEV_A, 5)]
     rejected = box.rejected()
     assert len(rejected) == 1
-    assert rejected[0]["seq"] == 2 and rejected[0]["reason"] == "registers_backwards"
+    assert (rejected[0]["first_seq"], rejected[0]["last_seq"]) == (3, 4)
+    assert rejected[0]["reason"] == "registers_backwards"
     assert rejected[0]["message"] == "import went down"
+    box.close()
+
+
+def test_fragments_ranges_and_counters_are_durable(tmp_path):
+    path = tmp_path / "outbox.sqlite"
+    box = Outbox(path)
+    assert box.add_fragment(DEV_A, 7, 3, 2, b"cc", 10.0, max_sets=8)[0] == "new"
+    assert box.add_fragment(DEV_A, 7, 3, 0, b"aa", 11.0, max_sets=8)[0] == "new"
+    status, pieces, evicted = box.add_fragment(DEV_A, 7, 3, 0, b"aa", 12.0, max_sets=8)
+    assert (status, pieces, evicted) == ("same", {0: b"aa", 2: b"cc"}, [])
+    assert box.add_fragment(DEV_A, 7, 3, 0, b"XX", 13.0, max_sets=8)[:2] == \
+        ("conflict", {0: b"aa", 2: b"cc"})
+    ranges = SeqRanges()
+    ranges.add(1, 3, 5.0)
+    ranges.add(7, 7, 6.0)
+    box.store_bundle(DEV_A, b"bundle", 7, 7, 6.0, ranges, "app-9")
+    assert box.next_command_counter(DEV_A, 100) == 100
+    assert box.next_command_counter(DEV_A, 50) == 101  # the clock went back: still above
+    box.close()
+
+    box = Outbox(path)
+    assert box.add_fragment(DEV_A, 7, 3, 1, b"bb", 20.0, max_sets=8)[1] == \
+        {0: b"aa", 1: b"bb", 2: b"cc"}
+    loaded = box.load_ranges()[DEV_A]
+    assert [(r.lo, r.hi, r.gap_since) for r in loaded.ranges] == [(1, 3, 5.0), (7, 7, 6.0)]
+    assert box.applications() == {DEV_A: "app-9"}
+    assert box.next_command_counter(DEV_A, 50) == 102
+    # Lost state: a fresh file still counts from the clock, above any earlier use.
+    fresh = Outbox(tmp_path / "new.sqlite")
+    assert fresh.next_command_counter(DEV_A, int(time.time())) >= int(time.time()) > 102
+    fresh.close()
+    box.close()
+
+
+def test_fragment_sets_expire_and_are_bounded_per_device(tmp_path):
+    box = Outbox(tmp_path / "outbox.sqlite")
+    for tag in range(3):
+        assert box.add_fragment(DEV_A, tag, 2, 0, b"p", 100.0 + tag, max_sets=3)[2] == []
+    # A fourth set of the same device pushes out its oldest; other devices
+    # have their own allowance.
+    evicted = box.add_fragment(DEV_A, 3, 2, 0, b"p", 103.0, max_sets=3)[2]
+    assert [(s.dev_eui, s.tag) for s in evicted] == [(DEV_A, 0)]
+    assert box.add_fragment(DEV_B, 9, 2, 1, b"q", 200.0, max_sets=3)[2] == []
+    assert box.fragment_sets() == 4
+    stale = box.expire_fragments(received_before=102.5)
+    assert sorted((s.dev_eui, s.tag, s.pieces) for s in stale) == [(DEV_A, 1, 1), (DEV_A, 2, 1)]
+    assert box.fragment_sets() == 2
+    box.close()
+
+
+def test_eviction_reports_the_oldest_incomplete_set(tmp_path):
+    box = Outbox(tmp_path / "outbox.sqlite")
+    box.add_fragment(DEV_A, 1, 3, 0, b"a", 100.0, max_sets=2)
+    box.add_fragment(DEV_A, 1, 3, 1, b"b", 101.0, max_sets=2)
+    box.add_fragment(DEV_A, 2, 2, 0, b"c", 102.0, max_sets=2)
+    _, _, evicted = box.add_fragment(DEV_A, 3, 2, 0, b"d", 103.0, max_sets=2)
+    assert [(s.tag, s.count, s.pieces) for s in evicted] == [(1, 3, 2)]
     box.close()
 
 
@@ -385,6 +549,25 @@ def test_outbox_refuses_a_newer_schema(tmp_path):
     db.close()
     with pytest.raises(RuntimeError, match="schema 99"):
         Outbox(path)
+
+
+def test_outbox_of_single_reading_frames_is_kept_aside(tmp_path):
+    import sqlite3
+    path = tmp_path / "outbox.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE pending (id INTEGER PRIMARY KEY, dev_eui TEXT, seq INTEGER, "
+               "frame BLOB, received_at REAL)")
+    db.execute("CREATE TABLE ledger_rejected (id INTEGER PRIMARY KEY)")
+    db.execute("INSERT INTO pending (dev_eui, seq, frame, received_at) VALUES ('x', 1, x'11', 0)")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    box = Outbox(path)
+    assert box.depth() == 0
+    box.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT seq FROM v1_pending").fetchall() == [(1,)]
+    db.close()
 
 
 # -- retry pacing ---------------------------------------------------------------
@@ -404,5 +587,20 @@ def test_configuration_errors_name_the_setting(tmp_path):
     from gateway.daemon import Gateway
     with pytest.raises(ValueError, match="ledger URL"):
         LedgerClient("127.0.0.1:8480")
+    url = "http://127.0.0.1:8480"
     with pytest.raises(ValueError, match="application_id"):
-        Gateway("127.0.0.1", 1883, "http://127.0.0.1:8480", tmp_path, application_id="a/#")
+        Gateway("127.0.0.1", 1883, url, tmp_path, application_id="a/#")
+    for kw, word in [({"resend_after_s": 0}, "resend_after_s"),
+                     ({"fragment_ttl_s": float("nan")}, "fragment_ttl_s"),
+                     ({"resend_min_interval_s": -1}, "resend_min_interval_s"),
+                     ({"resend_max_per_day": -1}, "resend_max_per_day"),
+                     ({"command_keys": tmp_path / "absent.json"}, "absent.json")]:
+        with pytest.raises(ValueError, match=word):
+            Gateway("127.0.0.1", 1883, url, tmp_path, **kw)
+
+
+def test_command_topic_and_message():
+    assert chirpstack.command_topic("app-1", DEV_A) == \
+        f"application/app-1/device/{DEV_A}/command/down"
+    doc = json.loads(chirpstack.command_message(DEV_A, 2, b"\x18\x01", item_id="i-1"))
+    assert doc == {"id": "i-1", "devEui": DEV_A, "confirmed": False, "fPort": 2, "data": "GAE="}
