@@ -49,13 +49,18 @@ def daily_airtime_s(region, dr, interval_s, n):
 
 def plan(region, dr, interval_s, budget_s, n_max=frame.MAX_READINGS):
     """Readings per bundle: the smallest n whose daily airtime fits the
-    scheduled share of budget_s; n_max when none does (the budget then
-    delays frames and the backlog waits in the outbox)."""
+    scheduled share of budget_s and whose frames the duty cycle lets out
+    before the next bundle is due (only short intervals come near that);
+    n_max when none does (the budget then delays frames and the backlog
+    waits in the outbox)."""
+    duty = lorawan.DUTY_CYCLE[region]
     for n in range(1, n_max + 1):
         size = typical_bundle_len(n, interval_s)
         if frames_for(size, lorawan.max_payload(region, dr))[0] > frame.MAX_FRAGMENTS:
             return max(1, n - 1)
-        if daily_airtime_s(region, dr, interval_s, n) <= budget_s * SCHEDULED_SHARE:
+        closed_ms = bundle_airtime_ms(size, region, dr) / duty
+        if daily_airtime_s(region, dr, interval_s, n) <= budget_s * SCHEDULED_SHARE \
+                and closed_ms <= n * interval_s * 1000 * SCHEDULED_SHARE:
             return n
     return n_max
 

@@ -243,6 +243,12 @@ class App:
     def unix_time(self):
         return self.wall_s + _UNIX_2000
 
+    def board_ms(self):
+        """Milliseconds of sample clock since boot: the meter's own time base
+        for airtime, duty cycle and backoff (on a board it is real time; in
+        the simulator it is simulated time, whatever the host's pace)."""
+        return self._board_s * 1000 + self._board_sub // 1000
+
     def set_time(self, unix):
         """The network (DeviceTimeAns) or a command says it is `unix`. A large
         step closes the running interval at the old time (so no reading spans

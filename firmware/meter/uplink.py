@@ -46,9 +46,10 @@ class Uplink:
         self.joined = False
         self.link_up = True
         self.acked_seq = 0  # last seq of the last bundle the network acknowledged
-        self.hold_until = 0  # ticks_ms before which a fresh bundle waits (jitter)
+        # Times below are App.board_ms(): the sample clock, not ticks_ms.
+        self.hold_until = 0  # before this a fresh bundle waits (jitter)
         self.probe_ms = 0
-        self.next_sync = 0  # ticks_ms of the next DeviceTimeReq
+        self.next_sync = 0  # when the next DeviceTimeReq is due
         self.open = [tuple(r) for r in outbox.open_readings()]
         self.n_plan = 1
         self.budget = airtime.Budget(app.cfg["airtime_s_day"],
@@ -65,7 +66,7 @@ class Uplink:
         self.cmd_key = identity.command_key()
         self.stats = {"bundles": 0, "frames": 0, "sent": 0, "send_failed": 0, "link_down": 0,
                       "probes": 0, "airtime_ms": 0, "budget_waits": 0, "time_syncs": 0,
-                      "commands": 0, "commands_rejected": 0, "rejoins": 0, "send_ms": 0}
+                      "commands": 0, "commands_rejected": 0, "rejoins": 0}
         self.replan()
 
     # ---------------------------------------------------------- planning
@@ -111,7 +112,7 @@ class Uplink:
         self.stats["bundles"] += 1
         j = self.cfg["jitter_s"]
         if j:
-            self.hold_until = time.ticks_add(time.ticks_ms(), getrandbits(20) % (j * 1000))
+            self.hold_until = self.app.board_ms() + getrandbits(20) % (j * 1000)
 
     # ------------------------------------------------------------- modem
 
@@ -136,7 +137,7 @@ class Uplink:
             await asyncio.sleep_ms(wait)
             wait = min(wait * 2, _RETRY_MAX_MS)
         self.joined = True
-        self.next_sync = time.ticks_ms()
+        self.next_sync = self.app.board_ms()
         self.replan()
         log("uplink: joined as %s" % _hex(self.dev_eui))
 
@@ -154,7 +155,7 @@ class Uplink:
             if k:
                 await self._seal(k)
                 continue
-            if time.ticks_diff(time.ticks_ms(), self.next_sync) >= 0:
+            if self.app.board_ms() >= self.next_sync:
                 await self._sync_time()
                 continue
             if await self._send_next():
@@ -173,7 +174,7 @@ class Uplink:
             wait = self.cfg["time_sync_s"] * 1000
         else:
             wait = 600000  # ten minutes: the answer rides on a later uplink
-        self.next_sync = time.ticks_add(time.ticks_ms(), min(wait, 0x3FFFFFFF // 2))
+        self.next_sync = self.app.board_ms() + wait
 
     async def _send_next(self):
         """Send the next bundle if the budget, duty cycle and jitter allow;
@@ -181,8 +182,8 @@ class Uplink:
         item = self.outbox.next_to_send()
         if item is None:
             return False
-        now = time.ticks_ms()
-        if self.link_up and time.ticks_diff(self.hold_until, now) > 0:
+        now = self.app.board_ms()
+        if self.link_up and self.hold_until > now:
             return False
         first, last, data = item
         m = self.modem
@@ -200,7 +201,7 @@ class Uplink:
         for i in range(len(frames)):
             f = frames[i]
             toa = lorawan.time_on_air_ms(len(f), region, dr)
-            wait = self.budget.wait_ms(time.ticks_ms(), toa)
+            wait = self.budget.wait_ms(self.app.board_ms(), toa)
             if wait > 0:
                 self.stats["budget_waits"] += 1
                 if i == 0:
@@ -208,12 +209,10 @@ class Uplink:
                     # meanwhile downlinks and sealing go on.
                     await asyncio.sleep_ms(min(wait, 1000))
                     return True
-                await asyncio.sleep_ms(wait)
-            t_send = time.ticks_ms()
+                await self._pause(wait)
             ok = await m.send(frame.PORT_READING, f,
                               confirmed=confirmed and i == len(frames) - 1)
-            self.stats["send_ms"] += time.ticks_diff(time.ticks_ms(), t_send)
-            self.budget.spend(time.ticks_ms(), toa)
+            self.budget.spend(self.app.board_ms(), toa)
             self.stats["airtime_ms"] += int(toa)
             self.stats["frames"] += 1
             if not ok:
@@ -260,8 +259,8 @@ class Uplink:
     async def _pause(self, ms):
         """Wait, still taking downlinks and sealing new readings (the outbox
         holds them), so a long probe backoff delays nothing but the radio."""
-        end = time.ticks_add(time.ticks_ms(), ms)
-        while time.ticks_diff(end, time.ticks_ms()) > 0:
+        end = self.app.board_ms() + ms
+        while self.app.board_ms() < end:
             self._downlinks()
             k = self._due()
             if k:

@@ -74,3 +74,12 @@ def test_budget_without_tokens_says_how_long_to_wait():
     wait = b.wait_ms(0, 100.0)
     assert wait == pytest.approx(100.0 / (10_000 / 86_400_000), rel=1e-3)
     assert b.wait_ms(wait, 100.0) == 0
+
+
+def test_planner_leaves_the_duty_cycle_room_at_short_intervals():
+    # 2-s readings at SF7: one 83-byte frame (118 ms) closes the sub-band for 11.8 s, so a
+    # bundle must cover at least that long.
+    n = airtime.plan("EU868", 5, 2, 1e6)
+    size = airtime.typical_bundle_len(n, 2)
+    assert airtime.bundle_airtime_ms(size, "EU868", 5) / 0.01 <= n * 2000
+    assert airtime.plan("US915", 3, 2, 1e6) == 1  # no duty cycle there
