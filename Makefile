@@ -13,24 +13,27 @@ DEMO_METERS ?= 3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: deps mosquitto demo test bench accuracy firmware-check clean
+.PHONY: deps system-packages demo test bench accuracy firmware-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
-# Mosquitto is the one system package: the tests and the demo start their own
-# broker on a loopback port, so the service Debian starts is not used.
-mosquitto:
+# System packages: Mosquitto (the tests and the demo start their own broker on
+# a loopback port, so the service Debian starts is not used) and Node.js (the
+# type checker, and the ChirpStack payload codec's tests).
+system-packages:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; }
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
 
 # Type checking uses pyright (pinned in tools/typecheck/package-lock.json) and
 # one stub folder per board: the ESP32 and RP2 stub packages ship files with
 # the same names, so they cannot share one environment.
 TYPECHECK_STAMP := build/stubs/.stamp
-$(TYPECHECK_STAMP): $(STAMP) tools/typecheck/package-lock.json tools/typecheck/stubs-esp32.txt tools/typecheck/stubs-rp2.txt
+$(TYPECHECK_STAMP): $(STAMP) tools/typecheck/package-lock.json tools/typecheck/stubs-esp32.txt tools/typecheck/stubs-rp2.txt | system-packages
 	npm ci --prefix tools/typecheck --no-audit --no-fund --silent
 	for b in esp32 rp2; do \
 	  $(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-user --only-binary :all: \
@@ -38,7 +41,7 @@ $(TYPECHECK_STAMP): $(STAMP) tools/typecheck/package-lock.json tools/typecheck/s
 	done
 	touch $@
 
-deps: $(STAMP) mosquitto $(TYPECHECK_STAMP)
+deps: $(STAMP) system-packages $(TYPECHECK_STAMP)
 
 demo: deps
 	$(BIN)/python -m tools.demo --seconds $(DEMO_SECONDS) --meters $(DEMO_METERS)

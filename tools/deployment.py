@@ -13,6 +13,7 @@ drive this class, so they exercise exactly the same path.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hardware.sim.meter import ModemLink, SimMeter
+from meter import frame
 from tools import runtime, traces
 
 APPLICATION_ID = "5b0f7a53-3c55-4c2e-9a3e-6d1f0e6c0a01"
@@ -92,6 +94,9 @@ class Deployment:
         self._lock = threading.Lock()
         self.network_uplinks: dict[str, int] = {}  # dev_eui -> ChirpStack up events seen
         self.injected: dict[str, int] = {}  # dev_eui -> forged/malformed events we published
+        # Each meter's downlink command key, written into it at provisioning and
+        # given to the gateway in a keys file (the network server never sees it).
+        self.command_keys: dict[str, bytes] = {}
         self._observer = None
 
     # ------------------------------------------------------------- start
@@ -128,7 +133,13 @@ class Deployment:
         runtime.wait_for_port(ledger_port)
 
         # Provisioning, as a technician does it: first boot creates the key on
-        # the meter, its public half is enrolled in the ledger's registry.
+        # the meter, its public half is enrolled in the ledger's registry; the
+        # command key is generated here and goes to the meter and the gateway.
+        for m in self.fleet:
+            self.command_keys[m.dev_eui] = os.urandom(frame.COMMAND_KEY_LEN)
+        keys_file = self.workdir / "gateway-command-keys.json"
+        keys_file.write_text(json.dumps({eui: k.hex() for eui, k in self.command_keys.items()}))
+        os.chmod(keys_file, 0o600)
         for m in self.fleet:
             sm = self._sim_meter(m, modem=None)
             pub = sm.provision_key()
@@ -143,12 +154,19 @@ class Deployment:
                                   APPLICATION_ID, "--speed", str(self.modem_speed or self.speed)])
         runtime.wait_for_port(modem_port)
 
+        # The gateway runs on the real clock, the meters on a faster one: its
+        # settle times are a few reading intervals in simulated time.
+        settle_s = max(1.0, 4 * self.interval_s / self.speed)
         status_port = runtime.free_port()
         self._spawn("gateway", ["-m", "gateway.cli", "run", "--mqtt-host", "127.0.0.1",
                                 "--mqtt-port", str(self.broker.port), "--ledger", self.ledger_url,
                                 "--ledger-token", LEDGER_TOKEN, "--state-dir",
                                 str(self.workdir / "gateway"), "--application-id", APPLICATION_ID,
-                                "--status-port", str(status_port)])
+                                "--status-port", str(status_port),
+                                "--command-keys", str(keys_file),
+                                "--resend-after", f"{settle_s:g}",
+                                "--resend-min-interval", f"{settle_s:g}",
+                                "--fragment-ttl", f"{4 * settle_s:g}"])
         self.gateway_status_url = f"http://127.0.0.1:{status_port}"
         runtime.wait_for_port(status_port)
 
@@ -165,10 +183,17 @@ class Deployment:
     def _sim_meter(self, m: MeterSpec, modem: ModemLink | None) -> SimMeter:
         return SimMeter(board=m.board, trace=self.trace_path(m),
                         flash=self.workdir / "flash" / m.name,
+                        # Time runs compressed (a reading every few seconds stands
+                        # for one every 15 min): the airtime budget, jitter and
+                        # time-sync cadence are scaled alike.
                         config={"interval_s": self.interval_s, "voltage_channel": m.voltage,
-                                "expect_export": m.kind == "pv", "dr": 5},
+                                "expect_export": m.kind == "pv", "dr": 5,
+                                "airtime_s_day": 30.0 * 900 / self.interval_s,
+                                "jitter_s": max(1, self.interval_s // 10),
+                                "time_sync_s": 60},
                         speed=self.speed, modem=modem, rtc_epoch=RTC_EPOCH,
-                        seed=int(m.dev_eui[-4:], 16) + 1)
+                        seed=int(m.dev_eui[-4:], 16) + 1,
+                        command_key=self.command_keys[m.dev_eui])
 
     def _collect(self, name: str, sm: SimMeter) -> None:
         for rec in sm.lines():
@@ -198,16 +223,14 @@ class Deployment:
 
     def inject_bad_uplinks(self) -> None:
         """Publish what an attacker or a broken integration could put on the broker: a
-        non-JSON message, a frame signed by a key nobody enrolled, a real meter's frame with
-        a forged signature, a truncated frame. The gateway must refuse each, count it by
+        non-JSON message, a bundle signed by a key nobody enrolled, a real meter's bundle with
+        a forged signature, a truncated bundle. The gateway must refuse each, count it by
         reason, and go on."""
         import paho.mqtt.client as mqtt
         from chirpstack_api import integration
         from Crypto.PublicKey import ECC
         from Crypto.Signature import eddsa
         from google.protobuf import json_format
-
-        from meter import frame
 
         def up(dev_eui: str, data: bytes) -> bytes:
             ev = integration.UplinkEvent(deduplication_id=str(uuid.uuid4()), f_port=frame.PORT_READING,
@@ -217,7 +240,8 @@ class Deployment:
             ev.time.GetCurrentTime()
             return json_format.MessageToJson(ev).encode()
 
-        body = frame.encode_body(1_000_000, RTC_EPOCH + 60, 60, 1, 0, 100, 0, 0)
+        # One reading (seq, t_end, import_dwh, export_dwh, flags) far beyond any real seq.
+        body = frame.encode_body([(1_000_000, RTC_EPOCH + 60, 1, 0, 0)])
         stranger = ECC.generate(curve="Ed25519")
         unknown_eui = "ffffffffffff0001"
         forged = frame.assemble(body, eddsa.new(stranger, "rfc8032").sign(
