@@ -45,7 +45,12 @@ class Uplink:
         self.dev_eui = None
         self.joined = False
         self.link_up = True
-        self.acked_seq = 0  # last seq of the last bundle the network acknowledged
+        # Last seq of the last bundle the network acknowledged. After a reboot
+        # it is taken to be the last bundle sent before it (the gateway's
+        # resend requests cover one that was lost), so a missing ACK rewinds
+        # hours, not the whole ring.
+        nxt = outbox.next_to_send()
+        self.acked_seq = nxt[0] - 1 if nxt else outbox.last_seq()
         # Times below are App.board_ms(): the sample clock, not ticks_ms.
         self.hold_until = 0  # before this a fresh bundle waits (jitter)
         self.probe_ms = 0
@@ -190,9 +195,6 @@ class Uplink:
         frames = frame.fragment(data, m.max_payload())
         region = self.cfg["region"]
         dr = m.dr
-        need = 0
-        for f in frames:
-            need += lorawan.time_on_air_ms(len(f), region, dr)
         # The link check: every n-th bundle, every probe while down, and the
         # retry after a missing ACK ask for an acknowledgement.
         confirmed = (not self.link_up) or self._nacks > 0 \
