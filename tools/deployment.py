@@ -155,8 +155,9 @@ class Deployment:
         runtime.wait_for_port(modem_port)
 
         # The gateway runs on the real clock, the meters on a faster one: its
-        # settle times are a few reading intervals in simulated time.
-        settle_s = max(1.0, 4 * self.interval_s / self.speed)
+        # settle times are a few reading intervals in simulated time (speed 0,
+        # "as fast as the host allows", has no fixed ratio: one second).
+        settle_s = max(1.0, 4 * self.interval_s / self.speed) if self.speed > 0 else 1.0
         status_port = runtime.free_port()
         self._spawn("gateway", ["-m", "gateway.cli", "run", "--mqtt-host", "127.0.0.1",
                                 "--mqtt-port", str(self.broker.port), "--ledger", self.ledger_url,
