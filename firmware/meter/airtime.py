@@ -28,12 +28,8 @@ def typical_bundle_len(n, interval_s):
 def frames_for(size, max_payload):
     """How many radio frames a bundle of `size` bytes takes, and the bytes of
     each (fragments carry a small header)."""
-    if size <= max_payload:
-        return 1, size
-    room = max_payload - frame.FRAG_HEAD_LEN
-    count = (size + room - 1) // room
-    piece = (size + count - 1) // count
-    return count, piece + frame.FRAG_HEAD_LEN
+    count, piece = frame.fragment_layout(size, max_payload)
+    return count, (piece + frame.FRAG_HEAD_LEN if count > 1 else piece)
 
 
 def bundle_airtime_ms(size, region, dr):

@@ -377,21 +377,31 @@ def decode_bundle(data):
 
 # -------------------------------------------------------------- fragments
 
+def fragment_layout(size, max_payload):
+    """(count, piece): how a bundle of `size` bytes travels in payloads of at
+    most max_payload bytes. (1, size) when it fits; else the fewest pieces
+    that fit, of near-equal size (count may exceed MAX_FRAGMENTS here: the
+    caller decides)."""
+    if size <= max_payload:
+        return 1, size
+    room = max_payload - FRAG_HEAD_LEN
+    if room < 1:
+        raise FrameError("field", "a %d-byte payload cannot carry a fragment" % max_payload)
+    count = (size + room - 1) // room
+    return count, (size + count - 1) // count
+
+
 def fragment(data, max_payload):
     """Split a bundle into frames of at most max_payload bytes. One frame
     (the bundle itself) when it fits; else 2..MAX_FRAGMENTS fragments of
     near-equal size."""
     size = len(data)
-    if size <= max_payload:
+    count, piece = fragment_layout(size, max_payload)
+    if count == 1:
         return [bytes(data)]
-    room = max_payload - FRAG_HEAD_LEN
-    if room < 1:
-        raise FrameError("field", "a %d-byte payload cannot carry a fragment" % max_payload)
-    count = (size + room - 1) // room
     if count > MAX_FRAGMENTS:
         raise FrameError("field", "a %d-byte bundle needs %d fragments of %d bytes, at most %d"
                          % (size, count, max_payload, MAX_FRAGMENTS))
-    piece = (size + count - 1) // count
     tag = struct.unpack(">I", data[2:6])[0] & 0xFFFF
     out = []
     for k in range(count):

@@ -167,11 +167,24 @@ class Outbox:
     def _name(self, counter):
         return "%s/%08d.seg" % (self.path, counter)
 
-    def _open(self, counter):
+    def _each(self, counter, fn):
+        """Call fn(kind, payload) on each good record of a segment, in order,
+        until fn returns True. Returns _END (the end, or fn stopped), _TORN
+        (a torn or corrupted record ends the segment), or None when the
+        segment cannot be opened. The file is closed before returning."""
         try:
-            return open(self._name(counter), "rb")
+            f = open(self._name(counter), "rb")
         except OSError:
             return None
+        try:
+            while True:
+                kind, p = _read_record(f)
+                if kind <= _END:
+                    return kind
+                if fn(kind, p):
+                    return _END
+        finally:
+            f.close()
 
     def _load(self):
         names = []
@@ -183,29 +196,19 @@ class Outbox:
         for i in range(len(names)):
             c = names[i]
             nb = bf = bl = nr = rh = 0
-            ok = True
-            f = self._open(c)
-            if f is not None:
-                try:
-                    while True:
-                        kind, p = _read_record(f)
-                        if kind == _END:
-                            break
-                        if kind == _TORN:
-                            ok = False
-                            break
-                        if kind == _R:
-                            nr += 1
-                            rh = struct.unpack_from(">I", p, 0)[0]
-                        else:
-                            first, bl = struct.unpack_from(">II", p, 0)
-                            if nb == 0:
-                                bf = first
-                            nb += 1
-                finally:
-                    f.close()
-            else:
-                ok = False
+
+            def tally(kind, p):
+                nonlocal nb, bf, bl, nr, rh
+                if kind == _R:
+                    nr += 1
+                    rh = struct.unpack_from(">I", p, 0)[0]
+                else:
+                    first, bl = struct.unpack_from(">II", p, 0)
+                    if nb == 0:
+                        bf = first
+                    nb += 1
+
+            ok = self._each(c, tally) == _END
             try:
                 size = os.stat(self._name(c))[6]
             except OSError:
@@ -263,18 +266,14 @@ class Outbox:
         if ix[i + _BF] > self._cursor:
             return nb
         n = 0
-        f = self._open(ix[i + _CNT])
-        if f is None:
-            return 0
-        try:
-            while True:
-                kind, p = _read_record(f)
-                if kind <= _END:
-                    break
-                if kind == _B and struct.unpack_from(">I", p, 4)[0] > self._cursor:
-                    n += 1
-        finally:
-            f.close()
+        cur = self._cursor
+
+        def count(kind, p):
+            nonlocal n
+            if kind == _B and struct.unpack_from(">I", p, 4)[0] > cur:
+                n += 1
+
+        self._each(ix[i + _CNT], count)
         return n
 
     def _trim(self, need):
@@ -367,21 +366,21 @@ class Outbox:
     def _scan_bundle(self, counter, first_seq, after):
         """In one segment: the bundle starting at first_seq, or (first_seq
         -1) the first one whose last_seq is past `after`."""
-        f = self._open(counter)
-        if f is None:
-            return None
-        try:
-            while True:
-                kind, p = _read_record(f)
-                if kind <= _END:
-                    return None
-                if kind == _B:
-                    first, last = struct.unpack_from(">II", p, 0)
-                    if first == first_seq or (first_seq < 0 and last > after):
-                        self._cache = (first, last, p[8:])
-                        return self._cache
-        finally:
-            f.close()
+        found = None
+
+        def match(kind, p):
+            nonlocal found
+            if kind == _B:
+                first, last = struct.unpack_from(">II", p, 0)
+                if first == first_seq or (first_seq < 0 and last > after):
+                    found = (first, last, p[8:])
+                    return True
+            return False
+
+        self._each(counter, match)
+        if found is not None:
+            self._cache = found
+        return found
 
     # ------------------------------------------------------------ readings and bundles
 
@@ -414,23 +413,16 @@ class Outbox:
         out = []
         lo = self._bundle_hi
         ix = self._ix
+
+        def collect(kind, p):
+            if kind == _R:
+                r = struct.unpack(_R_FMT, p)
+                if r[0] > lo:
+                    out.append(r)
+
         for i in range(0, len(ix), _W):
-            if ix[i + _RH] <= lo:
-                continue
-            f = self._open(ix[i + _CNT])
-            if f is None:
-                continue
-            try:
-                while True:
-                    kind, p = _read_record(f)
-                    if kind <= _END:
-                        break
-                    if kind == _R:
-                        r = struct.unpack(_R_FMT, p)
-                        if r[0] > lo:
-                            out.append(r)
-            finally:
-                f.close()
+            if ix[i + _RH] > lo:
+                self._each(ix[i + _CNT], collect)
         return out
 
     def add_bundle(self, first_seq, last_seq, data):
@@ -540,36 +532,31 @@ class Outbox:
         q = self._queue
         cur = self._cursor
         queued = 0
+
+        def enqueue(kind, p):
+            nonlocal queued
+            if kind != _B:
+                return
+            first, last = struct.unpack_from(">II", p, 0)
+            if last < lo or first > hi or last > cur:
+                return
+            k = 0
+            while k < len(q) and q[k][0] < first:
+                k += 1
+            if k < len(q) and q[k][0] == first:
+                return
+            if len(q) >= _QUEUE:
+                self.stats["queue_full"] += 1
+                return
+            q.insert(k, (first, last))
+            queued += 1
+
         for i in range(0, len(ix), _W):
             if not ix[i + _NB] or ix[i + _BF] > hi or ix[i + _BL] < lo:
                 continue
             if ix[i + _BF] > cur:
                 break  # not sent yet: the cursor will send it
-            f = self._open(ix[i + _CNT])
-            if f is None:
-                continue
-            try:
-                while True:
-                    kind, p = _read_record(f)
-                    if kind <= _END:
-                        break
-                    if kind != _B:
-                        continue
-                    first, last = struct.unpack_from(">II", p, 0)
-                    if last < lo or first > hi or last > cur:
-                        continue
-                    k = 0
-                    while k < len(q) and q[k][0] < first:
-                        k += 1
-                    if k < len(q) and q[k][0] == first:
-                        continue
-                    if len(q) >= _QUEUE:
-                        self.stats["queue_full"] += 1
-                        continue
-                    q.insert(k, (first, last))
-                    queued += 1
-            finally:
-                f.close()
+            self._each(ix[i + _CNT], enqueue)
         self.stats["requested"] += queued
         return queued
 

@@ -13,6 +13,7 @@
 # docs/protocol.md ("Delivery: nothing lost") describes the whole scheme;
 # docs/firmware.md the states.
 
+import json
 import time
 from random import getrandbits
 
@@ -64,7 +65,6 @@ class Uplink:
         self._cmd_counter = 0
         if store.exists(_CMD_PATH):
             try:
-                import json
                 self._cmd_counter = json.loads(store.read(_CMD_PATH))["counter"]
             except (ValueError, KeyError):
                 log("uplink: %s unreadable, command counter restarts at 0" % _CMD_PATH)
@@ -308,7 +308,6 @@ class Uplink:
         if c is not None and (reason is None or not reason.startswith("replay")):
             # Spend the counter even when the command is refused: the same
             # bytes must not be tried again.
-            import json
             self._cmd_counter = c.counter
             store.write_atomic(_CMD_PATH, json.dumps({"counter": c.counter}).encode())
         if reason is not None:
