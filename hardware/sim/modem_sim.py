@@ -7,11 +7,11 @@ and its AT dialect. What a real network would deliver to the gateway daemon
 comes out as ChirpStack v4 MQTT integration events on a real broker, and
 downlinks enqueued on `command/down` reach the modems. The modem side follows
 the RUI3 AT Command Manual and the LoRa-E5 AT Command Specification; the
-network side follows ChirpStack's MQTT integration (topics, JSON marshaler,
-event semantics). Faults (busy modems, lost frames and acknowledgements, a
-network outage, modem restarts, line noise, a modem that hangs) can be
-injected, at start or while meters run. docs/modem.md lists what is
-simulated and what is not.
+network side follows ChirpStack's MQTT integration (topics, JSON or protobuf
+marshaler, event semantics, downlink expiry). Faults (busy modems, lost
+frames and acknowledgements, a network outage, modem restarts, line noise, a
+modem that hangs) can be injected, at start or while meters run.
+docs/modem.md lists what is simulated and what is not.
 
     python -m hardware.sim.modem_sim --listen 127.0.0.1:7000 \
         --mqtt-host 127.0.0.1 --mqtt-port 1883 --application-id <uuid> --speed 10
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from chirpstack_api import common, gw, integration
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from meter import lorawan
 
@@ -70,6 +71,9 @@ BOOT_EPOCH = {RAK3172: 0.0, WIOE5: 1577836800.0}  # 1970, and 2020-01-01 for the
 
 REQ_LINK = 1  # MAC requests waiting for a modem's next uplink (bits)
 REQ_TIME = 2
+
+MARSHALERS = ("json", "protobuf")  # ChirpStack's integration marshalers
+_JSON_SPACE = b" \t\r\n"
 
 
 def airtime_s(phy_len: int, region: "Region", dr: int) -> float:
@@ -285,7 +289,10 @@ class ModemSimulator:
     `drop_ack` (every acknowledgement lost, also the device's ACKs of
     confirmed downlinks), `uplink_loss` (the frame never reaches the network;
     the modem still reports the transmission done), `corrupt_prob` (output
-    lines garbled: flipped bits, garbage bytes, truncated), `duty_cycle`."""
+    lines garbled: flipped bits, garbage bytes, truncated), `duty_cycle`.
+
+    `marshaler` is how events are published: "json" (ChirpStack's default)
+    or "protobuf". `command/down` takes either encoding, whatever it is."""
 
     def __init__(self, listen_port: int = 0, mqtt_host: str | None = "127.0.0.1",
                  mqtt_port: int = 1883, application_id: str = "", speed: float = 1.0, *,
@@ -300,7 +307,7 @@ class ModemSimulator:
                  fail_joins: int = 0, drop_ack: bool = False, ack_loss: float = 0.0,
                  busy_prob: float = 0.0, uplink_loss: float = 0.0, corrupt_prob: float = 0.0,
                  duty_cycle: float = 0.0, boot_banner: bool = True, seed: int | None = None,
-                 mqtt_client_id: str | None = None):
+                 mqtt_client_id: str | None = None, marshaler: str = "json"):
         if speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")
         if not application_id:
@@ -311,6 +318,9 @@ class ModemSimulator:
             raise ValueError(f"gateway_id must be 16 hex digits, got {gateway_id!r}")
         if fail_joins < 0:
             raise ValueError(f"fail_joins must be >= 0, got {fail_joins}")
+        if marshaler not in MARSHALERS:
+            raise ValueError(f"marshaler must be one of {', '.join(MARSHALERS)}, got {marshaler!r}")
+        self.marshaler = marshaler
         self.listen_host = listen_host
         self.port = listen_port
         self.mqtt_host = mqtt_host
@@ -558,8 +568,12 @@ class ModemSimulator:
 
     def _publish(self, dev_eui: str, event: str, message) -> None:
         topic = f"application/{self.application_id}/device/{dev_eui}/event/{event}"
-        # ChirpStack's JSON marshaler: camelCase names, bytes in base64, enums by name.
-        payload = json.dumps(json_format.MessageToDict(message), separators=(",", ":"))
+        if self.marshaler == "protobuf":
+            payload = message.SerializeToString()
+        else:
+            # ChirpStack's JSON marshaler: camelCase names, bytes in base64,
+            # enums by name, zero values left out.
+            payload = json.dumps(json_format.MessageToDict(message), separators=(",", ":"))
         if self._mqtt is None:
             self.counters["events_unpublished"] += 1
             return
@@ -599,8 +613,10 @@ class ModemSimulator:
             return
         q.append(cmd)
         self.counters["downlinks_queued"] += 1
-        log.info("downlink %s queued for %s (port %d, %d bytes%s)", cmd.id, dev_eui, cmd.f_port,
-                 len(cmd.data), ", confirmed" if cmd.confirmed else "")
+        log.info("downlink %s queued for %s (port %d, %d bytes%s%s)", cmd.id, dev_eui, cmd.f_port,
+                 len(cmd.data), ", confirmed" if cmd.confirmed else "",
+                 ", expires " + cmd.expires_at.ToJsonString() if cmd.HasField("expires_at")
+                 else "")
         m = self._modems.get(dev_eui)
         if m is not None:
             self._class_c_flush(m)
@@ -613,18 +629,43 @@ class ModemSimulator:
         topic_eui = parts[3].lower()
         if not _is_hex(topic_eui, 16):
             raise _Reject("dev_eui", f"topic DevEUI {parts[3]!r} is not 16 hex digits")
+        # JSON is an object; a protobuf DownlinkCommand starts with a field
+        # tag, never "{". Blank is neither and reads best as JSON.
+        if payload.lstrip(_JSON_SPACE)[:1] in (b"{", b""):
+            return topic_eui, self._parse_down_json(parts[3], payload)
+        cmd = integration.DownlinkCommand()
+        try:
+            cmd.ParseFromString(payload)
+        except DecodeError as e:
+            # Neither encoding: the JSON parser says better what is wrong
+            # (it refuses anything that does not start with "{").
+            self._parse_down_json(parts[3], payload)
+            raise _Reject("json", f"payload is neither JSON nor a DownlinkCommand: {e}") from None
+        self._check_dev_eui(cmd.dev_eui, parts[3])
+        if not 1 <= cmd.f_port <= 223:
+            raise _Reject("f_port", f"fPort {cmd.f_port} is not an application port 1..223")
+        if len(cmd.data) > MAX_DOWNLINK:
+            raise _Reject("too_large", f"data is {len(cmd.data)} bytes, at most {MAX_DOWNLINK}")
+        item = integration.DownlinkCommand(
+            id=self._item_id(cmd.id), dev_eui=topic_eui, confirmed=cmd.confirmed,
+            f_port=cmd.f_port, data=cmd.data)
+        if cmd.HasField("expires_at"):
+            try:
+                cmd.expires_at.ToJsonString()  # checks the range, as the JSON parser does
+            except ValueError as e:
+                raise _Reject("expires_at", f"expires_at is not a valid time: {e}") from None
+            item.expires_at.CopyFrom(cmd.expires_at)
+        return topic_eui, item
+
+    def _parse_down_json(self, topic_word: str, payload: bytes) -> integration.DownlinkCommand:
         try:
             obj = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise _Reject("json", f"payload is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise _Reject("json", f"payload is a JSON {type(obj).__name__}, want an object")
         dev_eui = obj.get("devEui")
-        if not isinstance(dev_eui, str) or not _is_hex(dev_eui, 16):
-            raise _Reject("dev_eui", f"devEui {dev_eui!r} is not 16 hex digits")
-        if dev_eui.lower() != topic_eui:
-            raise _Reject("dev_eui_mismatch",
-                          f"devEui {dev_eui} does not match the topic's {parts[3]}")
+        self._check_dev_eui(dev_eui, topic_word)
         f_port = obj.get("fPort")
         if isinstance(f_port, bool) or not isinstance(f_port, int) or not 1 <= f_port <= 223:
             raise _Reject("f_port", f"fPort {f_port!r} is not an application port 1..223")
@@ -640,13 +681,62 @@ class ModemSimulator:
         confirmed = obj.get("confirmed", False)
         if not isinstance(confirmed, bool):
             raise _Reject("confirmed", f"confirmed {confirmed!r} is not a boolean")
-        item_id = obj.get("id") or self._uuid()
+        cmd = integration.DownlinkCommand(
+            id=self._item_id(obj.get("id")), dev_eui=dev_eui.lower(), confirmed=confirmed,
+            f_port=f_port, data=data)
+        # protobuf's JSON form of a google.protobuf.Timestamp: RFC 3339 text.
+        # ChirpStack's parser takes the proto field name as well.
+        expires = obj.get("expiresAt", obj.get("expires_at"))
+        if expires is not None:
+            try:
+                cmd.expires_at.FromJsonString(expires)
+            except (ValueError, TypeError) as e:
+                raise _Reject("expires_at",
+                              f"expiresAt {expires!r} is not an RFC 3339 time: {e}") from None
+        return cmd
+
+    @staticmethod
+    def _check_dev_eui(dev_eui, topic_word: str) -> None:
+        if not isinstance(dev_eui, str) or not _is_hex(dev_eui, 16):
+            raise _Reject("dev_eui", f"devEui {dev_eui!r} is not 16 hex digits")
+        if dev_eui.lower() != topic_word.lower():
+            raise _Reject("dev_eui_mismatch",
+                          f"devEui {dev_eui} does not match the topic's {topic_word}")
+
+    def _item_id(self, item_id) -> str:
+        """The queue item id: the command's (a UUID), else a new one."""
+        item_id = item_id or self._uuid()
         try:
-            item_id = str(uuid.UUID(item_id))
+            return str(uuid.UUID(item_id))
         except (ValueError, TypeError, AttributeError):
             raise _Reject("id", f"id {item_id!r} is not a UUID") from None
-        return topic_eui, integration.DownlinkCommand(
-            id=item_id, dev_eui=topic_eui, confirmed=confirmed, f_port=f_port, data=data)
+
+    def _expired(self, m: _Modem, cmd: integration.DownlinkCommand) -> bool:
+        # ChirpStack compares with its own clock; here that is the true time
+        # the simulator keeps for the device.
+        if not cmd.HasField("expires_at"):
+            return False
+        return cmd.expires_at.seconds + cmd.expires_at.nanos / 1e9 < m.now()
+
+    def _next_downlink(self, m: _Modem) -> integration.DownlinkCommand | None:
+        """The next queued downlink to send, dropping the expired ones before
+        it as ChirpStack does (with an error log event for each)."""
+        q = self._queues.get(m.dev_eui)
+        while q:
+            cmd = q.popleft()
+            if not self._expired(m, cmd):
+                return cmd
+            self.counters["downlinks_expired"] += 1
+            log.info("downlink %s for %s expired at %s; dropped", cmd.id, m.dev_eui,
+                     cmd.expires_at.ToJsonString())
+            ev = integration.LogEvent(
+                device_info=self._device_info(m), level=integration.ERROR,
+                code=integration.EXPIRED,
+                description="Device queue-item discarded because it has expired",
+                context={"queue_item_id": cmd.id})
+            ev.time.GetCurrentTime()
+            self._publish(m.dev_eui, "log", ev)
+        return None
 
     def _deliver(self, m: _Modem, cmd: integration.DownlinkCommand, window: str,
                  channel: int, dr: int, prefix: str = "+MSG") -> None:
@@ -698,15 +788,14 @@ class ModemSimulator:
         """Class C: deliver the queue now, or once the uplink in progress ends."""
         if m.closed or not m.joined or m.cls != "C" or self.outage:
             return
-        q = self._queues.get(m.dev_eui)
-        if not q:
+        if not self._queues.get(m.dev_eui):
             return
         wait = m.busy_until - asyncio.get_running_loop().time()
         if wait > 0:
             m.later(wait * self.speed, self._class_c_flush, m)
             return
-        while q:
-            self._deliver(m, q.popleft(), "RX_C", m.channel, m.dr)
+        while (cmd := self._next_downlink(m)) is not None:
+            self._deliver(m, cmd, "RX_C", m.channel, m.dr)
 
     # ------------------------------------------------------- the modem core
     # Shared by both dialects; the handlers below only spell it.
@@ -837,8 +926,7 @@ class ModemSimulator:
         lost = confirmed and (self.drop_ack or (self.ack_loss and self._rng.random() < self.ack_loss))
         if lost:
             self.counters["fault_ack_lost"] += 1
-        q = self._queues.get(m.dev_eui)
-        downlink = q.popleft() if q and m.cls == "A" and not lost else None
+        downlink = self._next_downlink(m) if m.cls == "A" and not lost else None
         answered = not lost and (downlink is not None or confirmed or reqs != 0)
         rest = (RECEIVE_DELAY1_S if answered else RECEIVE_DELAY2_S) + RX_WINDOW_S
         m.busy_until = loop.time() + rest / self.speed
@@ -1470,6 +1558,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="seed of every random draw")
     p.add_argument("--no-boot-banner", action="store_true",
                    help="modems do not print their power-up banner")
+    p.add_argument("--marshaler", choices=MARSHALERS, default="json",
+                   help="how events are published, as ChirpStack's MQTT integration is set "
+                   "(command/down takes both)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -1482,7 +1573,7 @@ def main(argv: list[str] | None = None) -> int:
                              drop_ack=a.drop_ack, ack_loss=a.ack_loss, busy_prob=a.busy_prob,
                              uplink_loss=a.uplink_loss, corrupt_prob=a.corrupt_prob,
                              duty_cycle=a.duty_cycle, seed=a.seed,
-                             boot_banner=not a.no_boot_banner)
+                             boot_banner=not a.no_boot_banner, marshaler=a.marshaler)
         sim.start()
     except (ValueError, RuntimeError, OSError) as e:
         log.error("cannot start: %s", e)
