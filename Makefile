@@ -21,13 +21,17 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 # System packages: Mosquitto (the tests and the demo start their own broker on
-# a loopback port, so the service Debian starts is not used) and Node.js (the
-# type checker, and the ChirpStack payload codec's tests).
+# a loopback port, so the service Debian starts is not used), Node.js (the
+# type checker, and the ChirpStack payload codec's tests) and systemd for its
+# systemd-analyze (the tests verify the gateway's unit file and score its
+# sandbox; installing the package does not make systemd the init).
 system-packages:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; }
 	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; }
+	@command -v systemd-analyze >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
 
 # Type checking uses pyright (pinned in tools/typecheck/package-lock.json) and
 # one stub folder per board: the ESP32 and RP2 stub packages ship files with
