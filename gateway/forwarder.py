@@ -1,11 +1,12 @@
-"""Delivers the outbox to the ledger in batches, retrying until it answers.
+"""Delivers the outbox to one ledger node in batches, retrying until it answers.
 
-One thread. It takes the oldest pending bundles (up to `batch_size`), posts
-them, and settles each with the ledger's per-bundle answer. When the ledger
-is unreachable or fails, the same bundles are retried after an exponential
-backoff with jitter; nothing leaves the outbox without an answer. Resending a
-batch whose answer was lost is safe: the ledger answers "duplicate" for the
-readings it already stored.
+One thread per ledger node. It takes the oldest bundles that node has not
+answered for (up to `batch_size`), posts them, and settles each with the
+node's per-bundle answer. When the node is unreachable or fails, the same
+bundles are retried after an exponential backoff with jitter; nothing leaves
+the outbox without an answer from every node. Resending a batch whose answer
+was lost is safe: the ledger answers "duplicate" for the readings it already
+stored.
 """
 
 from __future__ import annotations
@@ -16,11 +17,40 @@ import threading
 import time
 
 from gateway.ledger_client import LedgerClient, LedgerError, LedgerUnavailable
-from gateway.outbox import Outbox, Pending
+from gateway.outbox import DEFAULT_LEDGER_BIT, Outbox, Pending
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
+
+# Upper bounds (seconds) of the ledger round-trip histogram, as Prometheus
+# reads them (`le`), the last one +Inf.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Latency:
+    """A cumulative histogram of ledger round trips (one per posted batch)."""
+
+    def __init__(self):
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        while i < len(LATENCY_BUCKETS) and seconds > LATENCY_BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def snapshot(self) -> dict:
+        buckets, total = {}, 0
+        for bound, n in zip(LATENCY_BUCKETS, self.counts):
+            total += n
+            buckets[f"{bound:g}"] = total
+        buckets["+Inf"] = total + self.counts[-1]
+        return {"buckets": buckets, "sum": round(self.sum, 6), "count": self.count}
 
 
 def backoff_delay(failures: int, base: float, cap: float, rng=random.random) -> float:
@@ -34,7 +64,9 @@ def backoff_delay(failures: int, base: float, cap: float, rng=random.random) -> 
 class Forwarder:
     def __init__(self, outbox: Outbox, client: LedgerClient, gateway_name: str,
                  batch_size: int = MAX_BATCH, backoff_base: float = 0.5,
-                 backoff_cap: float = 30.0, idle_poll: float = 1.0):
+                 backoff_cap: float = 30.0, idle_poll: float = 1.0,
+                 bit: int = DEFAULT_LEDGER_BIT, name: str | None = None,
+                 clock=time.time):
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be 1..{MAX_BATCH}, got {batch_size}")
         self._outbox = outbox
@@ -44,6 +76,13 @@ class Forwarder:
         self._base = backoff_base
         self._cap = backoff_cap
         self._idle_poll = idle_poll
+        self._bit = bit
+        self._clock = clock
+        self.name = name or client.url
+        # Bundles up to this id are answered for by this node, except the
+        # ones an earlier batch left unsettled (the cursor stops before them).
+        self._cursor = 0
+        self.latency = Latency()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -57,8 +96,16 @@ class Forwarder:
         self.last_error: str | None = None
         self.last_success_at: float | None = None
 
+    def stats(self) -> dict:
+        return {"name": self.name, "url": self._client.url, "forwarded": self.forwarded,
+                "stored": self.stored, "duplicate": self.duplicate, "rejected": self.rejected,
+                "errors": self.errors, "failing": bool(self.failures),
+                "last_error": self.last_error, "last_success_at": self.last_success_at,
+                "latency": self.latency.snapshot()}
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"forwarder-{self._bit}",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -91,11 +138,12 @@ class Forwarder:
     def deliver_once(self) -> int | None:
         """Post one batch. Returns how many bundles were settled (0: nothing
         pending), or None when the batch must be retried later."""
-        items = self._outbox.pending(self._batch)
+        items = self._outbox.pending(self._batch, self._bit, self._cursor)
         if not items:
             return 0
         body = [{"dev_eui": it.dev_eui, "bundle": it.bundle.hex(),
                  "received_at": it.received_at, "gateway": self._name} for it in items]
+        started = time.monotonic()
         try:
             results = self._client.post_bundles(body)
         except LedgerError as exc:
@@ -105,21 +153,25 @@ class Forwarder:
             # An outage is logged when it starts (and when it ends, below); a
             # contract error (bad token, wrong URL) on every attempt.
             if not isinstance(exc, LedgerUnavailable):
-                log.error("%d bundles not delivered, will retry: %s", len(items), exc)
+                log.error("%d bundles not delivered to %s, will retry: %s", len(items), self.name,
+                          exc)
             elif self.failures == 1:
-                log.warning("ledger unreachable, %d bundles kept for retry: %s",
-                            len(items), exc)
+                log.warning("ledger %s unreachable, %d bundles kept for retry: %s",
+                            self.name, len(items), exc)
             return None
+        self.latency.observe(time.monotonic() - started)
         if self.failures:
-            log.info("ledger reachable again after %d failed attempts", self.failures)
+            log.info("ledger %s reachable again after %d failed attempts", self.name,
+                     self.failures)
         self.failures = 0
         self.last_error = None
-        self.last_success_at = time.time()
+        self.last_success_at = self._clock()
         return self._settle(items, results)
 
     def _settle(self, items: list[Pending], results: list[dict]) -> int:
         done = []
         settled = 0
+        unsettled = None
         for item, res in zip(items, results):
             status = res.get("status")
             if status == "ok":
@@ -130,18 +182,21 @@ class Forwarder:
             elif status == "rejected":
                 reason = str(res.get("reason") or "unspecified")
                 message = str(res.get("message") or "")
-                log.warning("ledger rejected %s seq %d..%d: %s %s", item.dev_eui, item.first_seq,
+                log.warning("ledger %s rejected %s seq %d..%d: %s %s", self.name, item.dev_eui,
+                            item.first_seq,
                             item.last_seq, reason, message)
-                self._outbox.reject(item, reason, message)
+                self._outbox.reject(item, reason, message, self._bit, self.name)
                 self.rejected += 1
                 settled += 1
             else:
                 # Kept: an answer we do not understand is not an acknowledgement.
                 self.errors += 1
+                unsettled = item.id if unsettled is None else unsettled
                 log.error("ledger answered status %r for %s seq %d..%d; kept for retry",
                           status, item.dev_eui, item.first_seq, item.last_seq)
-        self._outbox.acknowledge(done)
+        self._outbox.acknowledge(done, self._bit)
         settled += len(done)
+        self._cursor = items[-1].id if unsettled is None else max(self._cursor, unsettled - 1)
         if not settled:
             self.failures += 1
             return None

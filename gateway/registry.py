@@ -86,10 +86,12 @@ def _document(keys: dict[str, bytes], latest: dict[str, int]) -> dict[str, Any]:
 
 
 class Registry:
-    def __init__(self, client: LedgerClient, cache_path: str | os.PathLike,
+    def __init__(self, client: "LedgerClient | list[LedgerClient]", cache_path: str | os.PathLike,
                  refresh_interval: float = 300.0, unknown_gap: float = 10.0,
                  clock: Callable[[], float] = time.monotonic):
-        self._client = client
+        # With several ledger nodes the first that answers gives the list
+        # (they hold the same registry).
+        self._clients = list(client) if isinstance(client, (list, tuple)) else [client]
         self._cache = Path(cache_path)
         self._interval = refresh_interval
         self._unknown_gap = unknown_gap
@@ -132,12 +134,17 @@ class Registry:
         and the cache. On failure the keys in use stay as they were."""
         with self._lock:
             self._last_attempt = self._clock()
-            try:
-                doc = self._client.devices()
-                keys, problems = parse_devices(doc)
-            except (LedgerError, ValueError) as exc:
-                self.last_error = str(exc)
-                log.warning("device list not refreshed: %s", exc)
+            errors = []
+            for client in self._clients:
+                try:
+                    doc = client.devices()
+                    keys, problems = parse_devices(doc)
+                    break
+                except (LedgerError, ValueError) as exc:
+                    errors.append(f"{client.url}: {exc}" if len(self._clients) > 1 else str(exc))
+            else:
+                self.last_error = "; ".join(errors)
+                log.warning("device list not refreshed: %s", self.last_error)
                 return False
             for p in problems:
                 log.warning("ledger device list: %s", p)

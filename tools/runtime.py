@@ -95,7 +95,14 @@ class Broker:
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
-            "max_queued_messages 100000\n"
+            # Started as root, Mosquitto would switch to user `mosquitto`, which
+            # cannot write its session store into this directory.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "max_queued_messages 100000\n"
+            # The gateway acknowledges a QoS 1 message once it is on disk, a
+            # batch at a time: a wider in-flight window than Mosquitto's 20
+            # lets whole batches build up (docs/gateway-install.md).
+            "max_inflight_messages 1000\n"
             "log_dest stderr\n"
             "log_type error\n"
             "log_type warning\n"
@@ -107,6 +114,15 @@ class Broker:
         )
         wait_for_port(self.port)
         return self
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop Mosquitto (it saves its sessions and the QoS 1 messages they
+        hold on the way down) and start it again on the same port and store."""
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+        time.sleep(down_s)
+        self.start()
 
     def stop(self) -> None:
         if self.proc is not None:

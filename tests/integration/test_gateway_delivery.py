@@ -17,7 +17,11 @@ import subprocess
 import sys
 import time
 
+import uuid
+
 import pytest
+from chirpstack_api import integration
+from google.protobuf import json_format
 # Helpers and fixtures shared with the other gateway tests (tests/integration
 # is on sys.path, as pytest puts a test folder without __init__.py there).
 from test_gateway_mqtt import (APP, Meter, daemon, http_json, ledger, ledger_seqs,  # noqa: F401
@@ -59,7 +63,7 @@ def downlinks(mqtt_tap):
 
 
 def command_of(meter: Meter, doc: dict) -> frame.Command:
-    assert (doc["devEui"], doc["fPort"], doc["confirmed"]) == (meter.dev_eui, 2, False)
+    assert (doc["devEui"], doc["fPort"], doc["confirmed"]) == (meter.dev_eui, 2, True)
     return frame.decode_command(meter.command_key, bytes.fromhex(meter.dev_eui),
                                 base64.b64decode(doc["data"]))
 
@@ -81,7 +85,7 @@ def test_fragments_out_of_order_complete_the_bundle(ledger, meters, publisher, s
     wait_for(lambda: gw.stats()["received"] == 6, "6 uplinks", gw=gw)
     assert gw.wait_idle(20)
     stats = gw.stats()
-    assert stats["rejected"] == {"fragment_conflict": 1, "duplicate": 1}
+    assert stats["rejected"] == {"fragment_conflict": 1} and stats["duplicates"] == 1
     assert stats["fragments"] == {"received": 3, "repeated": 1, "joined": 1,
                                   "incomplete_sets": 0}
     assert (stats["bundles"], stats["verified"]) == (1, 9)
@@ -244,17 +248,89 @@ def test_commands_need_a_key_and_an_application(ledger, meters, publisher, start
     assert stats["failed"] == {"no_application": 1, "no_key": 2, "field": 2}
 
 
+def ack_event(meter: Meter, item_id: str, acknowledged: bool, txack: bool = False) -> bytes:
+    """ChirpStack's `ack` event (the meter's acknowledgement, or its absence,
+    after a confirmed downlink) or `txack` (the gateway transmitted it), as
+    its JSON marshaler publishes them."""
+    if txack:
+        ev = integration.TxAckEvent(queue_item_id=item_id, f_cnt_down=3, downlink_id=77,
+                                    gateway_id="0016c001f1500001")
+    else:
+        ev = integration.AckEvent(deduplication_id=str(uuid.uuid4()), queue_item_id=item_id,
+                                  acknowledged=acknowledged, f_cnt_down=3)
+    ev.device_info.dev_eui = meter.dev_eui
+    ev.device_info.application_id = APP
+    return json_format.MessageToJson(ev).encode()
+
+
+def test_commands_are_confirmed_by_ack_events_and_retried(ledger, meters, publisher,
+                                                          start_gateway, downlinks, tmp_path):
+    a, b = meters
+    keys = write_command_keys(tmp_path / "keys.json", meters)
+    gw = start_gateway(ledger.url, command_keys=keys, resend_max_per_day=0,
+                       downlink_ack_timeout_s=0.6, downlink_max_attempts=3)
+    for m in meters:
+        publisher.publish(m.topic, m.uplink(1))
+    wait_for(lambda: gw.stats()["bundles"] == 2, "2 bundles", gw=gw)
+    ack_topic = f"application/{APP}/device/{{}}/event/{{}}"
+
+    # Acknowledged by the meter: settled, never sent again. The txack that
+    # comes first (the radio gateway sent it) is not a confirmation.
+    gw.send_command(a.dev_eui, frame.OP_RELAY, frame.RELAY_OFF, 60)
+    (_, _, doc), = downlinks.wait(1)
+    publisher.publish(ack_topic.format(a.dev_eui, "txack"), ack_event(a, doc["id"], True, True))
+    time.sleep(0.3)
+    assert gw.stats()["downlinks"]["pending"] == 1
+    publisher.publish(ack_topic.format(a.dev_eui, "ack"), ack_event(a, doc["id"], True))
+    wait_for(lambda: gw.stats()["downlinks"]["acked"] == 1, "the acknowledgement", gw=gw)
+    assert gw.stats()["downlinks"]["pending"] == 0
+
+    # Not acknowledged (acknowledged: false): queued again at once with a new
+    # queue item id and the same bytes (same counter: a meter that did get it
+    # refuses the repeat), then acknowledged.
+    counter = gw.send_command(b.dev_eui, frame.OP_INTERVAL, 900)
+    (_, _, first), = downlinks.wait(2)[1:]
+    publisher.publish(ack_topic.format(b.dev_eui, "ack"), ack_event(b, first["id"], False))
+    (_, _, again), = downlinks.wait(3)[2:]
+    assert again["id"] != first["id"] and again["data"] == first["data"]
+    assert command_of(b, again).counter == counter
+    publisher.publish(ack_topic.format(b.dev_eui, "ack"), ack_event(b, again["id"], True))
+    wait_for(lambda: gw.stats()["downlinks"]["acked"] == 2, "the second acknowledgement", gw=gw)
+    # A stale event for the first attempt changes nothing.
+    publisher.publish(ack_topic.format(b.dev_eui, "ack"), ack_event(b, first["id"], True))
+
+    # Never acknowledged: retried after the timeout, given up after 3 attempts.
+    gw.send_command(a.dev_eui, frame.OP_RELAY, frame.RELAY_ON, 0)
+    got = downlinks.wait(6, timeout=15)
+    tries = [d for _, t, d in got[3:]]
+    assert len(tries) == 3 and len({d["id"] for d in tries}) == 3
+    assert len({d["data"] for d in tries}) == 1
+    wait_for(lambda: gw.stats()["downlinks"]["failed"] == 1, "the command given up", gw=gw)
+    # An expiry cuts the retries short.
+    gw.send_command(a.dev_eui, frame.OP_RELAY, frame.RELAY_OFF, 30, expires=int(time.time()) + 1)
+    wait_for(lambda: gw.stats()["downlinks"]["expired"] == 1, "the command to expire", gw=gw)
+    stats = gw.stats()["downlinks"]
+    assert (stats["acked"], stats["failed"], stats["expired"], stats["pending"]) == (2, 1, 1, 0)
+    assert stats["retried"] >= 3  # one after the nack, two after timeouts, maybe one more
+    states = [c["state"] for c in gw._outbox.commands()]
+    assert states == ["acked", "acked", "failed", "expired"]
+    time.sleep(1.5)
+    assert downlinks.count() <= 8  # nothing more for settled commands
+    assert gw.stats()["rejected"] == {}
+
+
 def test_fragments_survive_a_killed_gateway(broker, ledger, meters, publisher, tmp_path):
     a = meters[0]
     state = tmp_path / "state"
     keys = write_command_keys(tmp_path / "keys.json", meters)
     status_port = runtime.free_port()
     stats, subscribed = status_client(status_port)
-    options = ("--command-keys", keys, "--fragment-ttl", "3600", "--resend-after", "3600",
-               "--resend-min-interval", "600", "--resend-max-per-day", "3")
+    options = {"downlink": {"command_keys": keys},
+               "resend": {"fragment_ttl_s": 3600, "after_s": 3600, "min_interval_s": 600,
+                          "max_per_day": 3}}
     pieces = a.fragments(1, 9)
 
-    proc = daemon(broker.port, ledger.url, state, status_port, *options)
+    proc = daemon(broker.port, ledger.url, state, status_port, **options)
     try:
         wait_for(subscribed, "the daemon to subscribe")
         for payload in (pieces[2], pieces[0]):
@@ -265,7 +341,7 @@ def test_fragments_survive_a_killed_gateway(broker, ledger, meters, publisher, t
         proc.kill()  # no clean shutdown
         proc.wait(10)
 
-    proc = daemon(broker.port, ledger.url, state, status_port, *options)
+    proc = daemon(broker.port, ledger.url, state, status_port, **options)
     try:
         wait_for(subscribed, "the daemon to subscribe again")
         assert stats()["fragments"]["incomplete_sets"] == 1
@@ -279,28 +355,3 @@ def test_fragments_survive_a_killed_gateway(broker, ledger, meters, publisher, t
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert proc.returncode == 0
-
-
-@pytest.mark.parametrize("content,words", [
-    (None, "cannot read"),
-    ("[]", "JSON object"),
-    ('{"70b3d57ed0000a01": "00"}', "70b3d57ed0000a01"),
-])
-def test_command_line_refuses_a_bad_keys_file(tmp_path, content, words):
-    path = tmp_path / "keys.json"
-    if content is not None:
-        path.write_text(content)
-    res = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "run", "--ledger", "http://127.0.0.1:9",
-         "--state-dir", str(tmp_path / "state"), "--command-keys", str(path)],
-        cwd=runtime.REPO, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2
-    assert str(path) in res.stderr and words in res.stderr
-
-
-def test_command_line_refuses_bad_resend_settings(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "run", "--ledger", "http://127.0.0.1:9",
-         "--state-dir", str(tmp_path), "--resend-after", "0"],
-        cwd=runtime.REPO, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "--resend-after" in res.stderr

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from chirpstack_api import integration
@@ -25,8 +26,9 @@ from Crypto.PublicKey import ECC
 from Crypto.Signature import eddsa
 from google.protobuf import json_format
 
+from gateway import config
 from gateway.daemon import OUTBOX_FILE, Gateway
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, read_dead_letters
 from ledger_node.server import LedgerServer
 from meter import frame
 from tools import runtime
@@ -187,7 +189,7 @@ def test_signed_bundles_reach_the_ledger(ledger, meters, publisher, start_gatewa
     health = http_json("GET", base + "/health")
     assert health["status"] == "ok" and health["mqtt_connected"] is True
     with pytest.raises(urllib.error.HTTPError) as exc:
-        http_json("GET", base + "/metrics")
+        http_json("GET", base + "/nope")
     assert exc.value.code == 404
 
 
@@ -224,7 +226,7 @@ def test_bad_input_is_counted_never_stored_and_processing_goes_on(
         (a.topic, a.event(b.sign(3), dev_eui=a.dev_eui), "bad_signature"),  # B's bundle as A
         (a.topic, original, None),  # the good one
         (a.topic, original, "duplicate"),  # delivered twice by the broker (same deduplicationId)
-        (a.topic, a.event(good, dedup="dedup-2"), "duplicate"),  # replayed: readings known
+        (a.topic, a.event(good, dedup="dedup-2"), "replay"),  # readings known
         (b.topic, b.uplink(1), None),  # still processing good messages
     ]
     for topic, payload, _ in cases:
@@ -233,8 +235,18 @@ def test_bad_input_is_counted_never_stored_and_processing_goes_on(
     assert gw.wait_idle(20)
 
     stats = gw.stats()
-    expected = Counter(reason for _, _, reason in cases if reason)
+    expected = Counter(reason for _, _, reason in cases if reason and reason != "duplicate")
     assert stats["rejected"] == dict(expected)
+    assert stats["duplicates"] == 1  # dropped and counted, not a rejection
+    # Every rejection is in the dead-letter store, as it arrived, with its reason.
+    dead = read_dead_letters(gw.state_dir / OUTBOX_FILE, limit=1000)
+    assert Counter(d["reason"] for d in dead) == expected == Counter(
+        {r: n for r, n in stats["rejected"].items()})
+    payloads = {(t, bytes(p)[:4096]) for t, p, r in cases if r and r != "duplicate"}
+    assert {(d["topic"], d["payload"]) for d in dead} == payloads
+    oversized = next(d for d in dead if d["reason"] == "oversized_message")
+    assert oversized["size"] > 70_000 and len(oversized["payload"]) == 4096
+    assert stats["dead_letters"] == len(dead)
     assert stats["other_ports"] == {"2": 1, "222": 1}
     assert (stats["bundles"], stats["verified"], stats["forwarded"]) == (2, 3, 2)
     assert stats["fragments"]["incomplete_sets"] == 0
@@ -262,7 +274,7 @@ def test_replayed_and_overlapping_bundles(ledger, meters, publisher, start_gatew
     wait_for(lambda: gw.stats()["received"] == 3, "3 uplinks", gw=gw)
     assert gw.wait_idle(20)
     stats = gw.stats()
-    assert stats["rejected"] == {"duplicate": 1}
+    assert stats["rejected"] == {"replay": 1}
     assert (stats["bundles"], stats["verified"]) == (2, 5)
     assert (stats["ledger"]["stored"], stats["ledger"]["duplicate"]) == (5, 1)
     assert ledger_seqs(ledger.url, a.dev_eui) == [1, 2, 3, 4, 5]
@@ -273,7 +285,7 @@ def test_replayed_and_overlapping_bundles(ledger, meters, publisher, start_gatew
     again = start_gateway(ledger.url, state_dir=tmp_path / "st")
     publisher.publish(a.topic, a.event(first))
     wait_for(lambda: again.stats()["received"] == 1, "the replay", gw=again)
-    assert again.stats()["rejected"] == {"duplicate": 1} and again.stats()["bundles"] == 0
+    assert again.stats()["rejected"] == {"replay": 1} and again.stats()["bundles"] == 0
 
 
 def test_reordered_bundles_are_all_accepted_and_the_ledger_is_consistent(
@@ -313,7 +325,7 @@ def test_ledger_outage_then_recovery_delivers_exactly_once(ledger, meters, publi
              gw=gw)
     stats = gw.stats()
     assert stats["bundles"] == 20 and stats["outbox_depth"] == 20 and stats["forwarded"] == 0
-    assert stats["rejected"] == {"duplicate": len(repeats)}
+    assert stats["rejected"] == {} and stats["duplicates"] == len(repeats)
     health = http_json("GET", f"http://127.0.0.1:{gw.status_port}/health")
     assert health["status"] == "degraded" and health["ledger_reachable"] is False
 
@@ -400,42 +412,6 @@ def test_bundle_refused_by_the_ledger_is_kept_aside(ledger, meters, publisher, s
     assert ledger_seqs(ledger.url, a.dev_eui) == [1, 4]
 
 
-def test_command_line_daemon_with_token(broker, publisher, tmp_path):
-    token = "s3cret-token"
-    srv = LedgerServer(tmp_path / "ledger.db", port=0, token=token).start()
-    try:
-        m = Meter("70b3d57ed0000c03")
-        m.enroll(srv.url, token=token)
-        status_port = runtime.free_port()
-        env = dict(os.environ, METER_LEDGER_TOKEN=token)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", "--mqtt-host", "127.0.0.1",
-             "--mqtt-port", str(broker.port), "--ledger", srv.url, "--state-dir",
-             str(tmp_path / "state"), "--application-id", "app-1", "--status-port",
-             str(status_port), "--name", "cli-gw"],
-            env=env, cwd=runtime.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            runtime.wait_for_port(status_port)
-            status = f"http://127.0.0.1:{status_port}"
-            wait_for(lambda: http_json("GET", status + "/health")["subscribed"],
-                     "the daemon to subscribe")
-            publisher.publish(m.topic, m.uplink(1, 2))
-            publisher.publish(m.topic, b"not json")
-            wait_for(lambda: http_json("GET", status + "/stats")["forwarded"] == 1,
-                     "the bundle forwarded by the daemon")
-            stats = http_json("GET", status + "/stats")
-            assert stats["rejected"] == {"malformed_json": 1}
-            assert ledger_seqs(srv.url, m.dev_eui) == [1, 2]
-            assert {r["gateway"] for r in ledger_readings(srv.url, m.dev_eui)} == {"cli-gw"}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, out.decode()
-        assert b"malformed_json" in out  # the rejection was logged
-    finally:
-        srv.stop()
-
-
 def test_broker_restart_reconnects_and_resubscribes(broker, ledger, meters, start_gateway,
                                                      mqtt_tap):
     m = meters[0]
@@ -461,12 +437,18 @@ def test_broker_restart_reconnects_and_resubscribes(broker, ledger, meters, star
 
 
 def daemon(broker_port: int, ledger_url: str, state_dir, status_port: int,
-           *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--mqtt-port", str(broker_port),
-         "--ledger", ledger_url, "--state-dir", str(state_dir), "--status-port",
-         str(status_port), "--name", "crashy", "--log-level", "WARNING", *extra],
-        cwd=runtime.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           **settings) -> subprocess.Popen:
+    """`meter-gateway run --config` in its own process; `settings` are config
+    sections ({"resend": {"after_s": 60}, ...})."""
+    doc = {"name": "crashy", "state_dir": str(state_dir), "mqtt": {"port": broker_port},
+           "ledger": [{"url": ledger_url}],
+           "status": {"listen": f"127.0.0.1:{status_port}"}, "log": {"level": "WARNING"}}
+    for section, values in settings.items():
+        doc.setdefault(section, {}).update(values)
+    path = Path(state_dir).parent / "gateway.toml"
+    path.write_text(config.to_toml(doc))
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(path)],
+                            cwd=runtime.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def status_client(status_port: int):
