@@ -4,6 +4,7 @@
     ledger-node serve    SQLite ledger, HTTP on loopback
     modem simulator      the meters' AT modems + the LoRaWAN/ChirpStack side
     meter-gateway run    ChirpStack MQTT in, verified readings to the ledger
+                         (with a generated config file, gateway.toml)
     N meters             the real firmware in MicroPython on simulated boards
 
 The demo (`make demo`), the end-to-end test and the end-to-end benchmark all
@@ -22,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway import config
 from hardware.sim.meter import ModemLink, SimMeter
 from meter import frame
 from tools import runtime, traces
@@ -159,15 +161,21 @@ class Deployment:
         # "as fast as the host allows", has no fixed ratio: one second).
         settle_s = max(1.0, 4 * self.interval_s / self.speed) if self.speed > 0 else 1.0
         status_port = runtime.free_port()
-        self._spawn("gateway", ["-m", "gateway.cli", "run", "--mqtt-host", "127.0.0.1",
-                                "--mqtt-port", str(self.broker.port), "--ledger", self.ledger_url,
-                                "--ledger-token", LEDGER_TOKEN, "--state-dir",
-                                str(self.workdir / "gateway"), "--application-id", APPLICATION_ID,
-                                "--status-port", str(status_port),
-                                "--command-keys", str(keys_file),
-                                "--resend-after", f"{settle_s:g}",
-                                "--resend-min-interval", f"{settle_s:g}",
-                                "--fragment-ttl", f"{4 * settle_s:g}"])
+        token_file = self.workdir / "gateway-ledger.token"
+        token_file.write_text(LEDGER_TOKEN + "\n")
+        os.chmod(token_file, 0o600)
+        gateway_config = self.workdir / "gateway.toml"
+        gateway_config.write_text(config.to_toml({
+            "state_dir": self.workdir / "gateway",
+            "mqtt": {"host": "127.0.0.1", "port": self.broker.port,
+                     "application_id": APPLICATION_ID},
+            "ledger": [{"url": self.ledger_url, "token_file": token_file}],
+            "downlink": {"command_keys": keys_file},
+            "resend": {"after_s": settle_s, "min_interval_s": settle_s,
+                       "fragment_ttl_s": 4 * settle_s},
+            "status": {"listen": f"127.0.0.1:{status_port}"},
+        }))
+        self._spawn("gateway", ["-m", "gateway.cli", "run", "--config", str(gateway_config)])
         self.gateway_status_url = f"http://127.0.0.1:{status_port}"
         runtime.wait_for_port(status_port)
 
