@@ -101,6 +101,13 @@ def event_topic(application_id: str, event: str) -> str:
     return f"application/{application_id}/device/+/event/{event}"
 
 
+def valid_application_id(value: str) -> bool:
+    """An application id that may go into MQTT topics: a wildcard or a level
+    separator would address other devices' queues."""
+    return (isinstance(value, str) and 0 < len(value) <= 200
+            and not any(c in value for c in "/+#\0"))
+
+
 def command_topic(application_id: str, dev_eui: str) -> str:
     """Where ChirpStack takes downlinks to enqueue for one device."""
     return f"application/{application_id}/device/{dev_eui}/command/down"

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from gateway.chirpstack import valid_application_id
 from gateway.commands import parse_command_keys
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -153,11 +154,10 @@ def _env_name(value: Any) -> str:
 
 
 def _application_id(value: Any) -> str:
-    # Goes into MQTT topics: a wildcard or a level separator would address
-    # other devices' queues ("+" alone is the one wildcard meant: all).
+    # "+" alone is the one wildcard meant: all applications.
     if not isinstance(value, str):
         raise _expected("a string", value)
-    if value != "+" and (not 0 < len(value) <= 200 or any(c in value for c in "/+#\0")):
+    if value != "+" and not valid_application_id(value):
         raise _Bad(f"{_show(value)} is not \"+\" (all applications) or an application id "
                    f"without / + #")
     return value

@@ -85,12 +85,6 @@ STATUS_EVERY = 60.0
 WORKER_STALL_S = 120.0
 
 
-def _valid_application_id(value: str) -> bool:
-    # Goes into MQTT topics: a wildcard or a level separator would address
-    # other devices' queues.
-    return bool(value) and len(value) <= 200 and not any(c in value for c in "/+#\0")
-
-
 @dataclass
 class _Examined:
     """One MQTT message after the lock-free first pass."""
@@ -142,7 +136,7 @@ class Gateway:
                  downlink_confirmed: bool = True, downlink_ack_timeout_s: float = 900.0,
                  downlink_max_attempts: int = 3,
                  clock: Callable[[], float] = time.time):
-        if application_id != "+" and not _valid_application_id(application_id):
+        if application_id != "+" and not chirpstack.valid_application_id(application_id):
             raise ValueError(f"application_id must be '+' or an id without / + #, "
                              f"got {application_id!r}")
         for label, value in (("fragment_ttl_s", fragment_ttl_s),
@@ -241,6 +235,7 @@ class Gateway:
         self._mqtt: mqtt.Client | None = None
         self._worker: threading.Thread | None = None
         self._heartbeat = time.monotonic()
+        self._storage_failing = False
         self._lock_fd: int | None = None
         self._inbox: queue.Queue[tuple[mqtt.MQTTMessage, float]] = queue.Queue(maxsize=4096)
         self._stopping = threading.Event()
@@ -463,7 +458,8 @@ class Gateway:
         running = bool(self._worker and self._worker.is_alive() and not stalled
                        and self._forwarders and all(fw.alive() for fw in self._forwarders))
         failing = [fw.name for fw in self._forwarders if fw.failures]
-        degraded = not self._connected or bool(failing) or self._queue_full
+        degraded = (not self._connected or bool(failing) or self._queue_full
+                    or self._storage_failing)
         status = "down" if not running else "degraded" if degraded else "ok"
         return running, {"status": status, "mqtt_connected": self._connected,
                          "subscribed": self._subscribed.is_set(),
@@ -471,6 +467,7 @@ class Gateway:
                          "ledgers_failing": failing,
                          "worker_stalled": stalled,
                          "queue_full": self._queue_full,
+                         "storage_failing": self._storage_failing,
                          "outbox_depth": self._outbox_depth(),
                          "devices": len(self._registry),
                          "command_keys": len(self._command_keys)}
@@ -651,11 +648,15 @@ class Gateway:
                 break
             except sqlite3.Error as exc:
                 self._count("storage_errors")
+                self._storage_failing = True
                 log.error("cannot store %d messages, retrying in %.1fs: %s", len(batch), delay,
                           exc)
                 if self._stopping.wait(delay):
                     return  # not acknowledged: the broker sends them again
+                # Waiting for the disk is not a hang: a restart would not help.
+                self._heartbeat = time.monotonic()
                 delay = min(delay * 2, 30.0)
+        self._storage_failing = False
         self._commit(stage)
         for msg, _ in batch:
             self._ack(msg)
@@ -825,7 +826,7 @@ class Gateway:
         updated = ranges.copy()
         updated.add(first, last, received_at)
         given_up = updated.trim()
-        app = up.application_id if _valid_application_id(up.application_id) else None
+        app = up.application_id if chirpstack.valid_application_id(up.application_id) else None
         if app == (stage.apps.get(dev) or self._apps.get(dev)):
             app = None  # already stored
         queued = tx.store_bundle(dev, bundle.data(), first, last, received_at, updated, app, tag)

@@ -253,6 +253,14 @@ class Outbox:
             raise ValueError("at most 30 ledger nodes")
         with self._txn() as db:
             known = dict(db.execute("SELECT url, bit FROM ledgers"))
+            # A node no longer configured frees its bit, cleared everywhere,
+            # so a node that gets the bit later starts from nothing.
+            for url, bit in list(known.items()):
+                if url not in urls:
+                    db.execute("UPDATE pending SET delivered = delivered & ~? "
+                               "WHERE delivered & ? != 0", (bit, bit))
+                    db.execute("DELETE FROM ledgers WHERE url = ?", (url,))
+                    del known[url]
             if len(urls) == 1 and not known:
                 known[urls[0]] = DEFAULT_LEDGER_BIT
                 db.execute("INSERT INTO ledgers (bit, url) VALUES (?, ?)",

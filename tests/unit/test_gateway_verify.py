@@ -541,6 +541,43 @@ def test_eviction_reports_the_oldest_incomplete_set(tmp_path):
     box.close()
 
 
+def test_outbox_holds_each_bundle_until_every_ledger_node_answered(tmp_path):
+    path = tmp_path / "outbox.sqlite"
+    box = Outbox(path)
+    one, two = box.set_ledgers(["http://a", "http://b"])
+    for seq in (1, 2, 3):
+        box.store_bundle(DEV_A, b"bundle-%d" % seq, seq, seq, float(seq))
+    box.acknowledge([i.id for i in box.pending(10, one)], one)
+    assert box.depth() == 3 and box.pending(10, one) == []
+    assert [i.first_seq for i in box.pending(10, two)] == [1, 2, 3]
+    box.reject(box.pending(10, two)[0], "bad_signature", "no", two, "http://b")
+    box.acknowledge([i.id for i in box.pending(10, two)], two)
+    assert box.depth() == 0
+    assert [r["ledger"] for r in box.rejected()] == ["http://b"]
+
+    # Bits survive a restart; a node taken out of the configuration holds
+    # nothing back, and the node that gets its bit later starts from nothing.
+    box.store_bundle(DEV_A, b"bundle-4", 4, 4, 4.0)
+    box.acknowledge([i.id for i in box.pending(10, one)], one)
+    box.close()
+    box = Outbox(path)
+    assert box.set_ledgers(["http://b", "http://a"]) == [two, one]
+    assert box.depth() == 1  # 4: a has it, b not yet
+    box.store_bundle(DEV_A, b"bundle-5", 5, 5, 5.0)
+    box.acknowledge([i.id for i in box.pending(10, two)], two)  # b has 5 (and 4), a not 5
+    assert box.set_ledgers(["http://a"]) == [one]
+    assert [i.first_seq for i in box.pending(10, one)] == [5]
+    assert box.depth() == 1
+    a, c = box.set_ledgers(["http://a", "http://c"])
+    assert a == one and c == two  # b's bit, reused
+    # c starts from nothing: b's answer for 5 does not count as c's.
+    assert [i.first_seq for i in box.pending(10, c)] == [5]
+    box.acknowledge([i.id for i in box.pending(10, a)], a)
+    box.acknowledge([i.id for i in box.pending(10, c)], c)
+    assert box.depth() == 0
+    box.close()
+
+
 def test_outbox_refuses_a_newer_schema(tmp_path):
     import sqlite3
     path = tmp_path / "outbox.sqlite"
