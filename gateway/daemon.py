@@ -106,6 +106,7 @@ class _Stage:
     counts: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)
     other_ports: Counter = field(default_factory=Counter)
+    downlinks: Counter = field(default_factory=Counter)  # acked, nacked, transmitted
     logs: list = field(default_factory=list)  # Rejected, logged after commit
 
 
@@ -451,7 +452,7 @@ class Gateway:
     def _open_downlinks(self) -> int | None:
         if self._outbox is None or self._stopping.is_set():
             return None
-        return len(self._outbox.open_downlinks())
+        return self._outbox.open_downlink_count()
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         stalled = time.monotonic() - self._heartbeat > WORKER_STALL_S
@@ -670,8 +671,7 @@ class Gateway:
             self._counts.update(stage.counts)
             self._rejected.update(stage.rejected)
             self._other_ports.update(stage.other_ports)
-            self._downlinks.update({k[9:]: n for k, n in stage.counts.items()
-                                    if k.startswith("downlink_")})
+            self._downlinks.update(stage.downlinks)
         self._dead_letters += stage.counts.get("dead_letters", 0)
         for exc in stage.logs:
             self._log_rejection(exc)
@@ -734,17 +734,16 @@ class Gateway:
             raise ex.rejected
         if ex.kind == "ack":
             ack = ex.item
-            state = "acked" if ack.acknowledged else None
-            if state:
+            if ack.acknowledged:
                 if tx.settle_item(ack.queue_item_id, "acked", ex.received_at):
-                    stage.counts["downlink_acked"] += 1
+                    stage.downlinks["acked"] += 1
             elif tx.nack_item(ack.queue_item_id):
-                stage.counts["downlink_nacked"] += 1
+                stage.downlinks["nacked"] += 1
             return
         if ex.kind == "txack":
             if not self._confirmed and tx.settle_item(ex.item.queue_item_id, "transmitted",
                                                       ex.received_at):
-                stage.counts["downlink_transmitted"] += 1
+                stage.downlinks["transmitted"] += 1
             return
         up = ex.up
         if ex.kind == "other_port":

@@ -473,6 +473,11 @@ class Outbox:
                 "ORDER BY id").fetchall()
         return [Downlink(r[0], r[1], r[2], r[3], json.loads(r[4]), *r[5:]) for r in rows]
 
+    def open_downlink_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM commands WHERE state = 'pending'"
+                                    ).fetchone()[0]
+
     def retry_downlink(self, row_id: int, item_id: str, tried_at: float) -> None:
         with self._txn() as db:
             db.execute("UPDATE commands SET item_id = ?, attempts = attempts + 1, tried_at = ? "
