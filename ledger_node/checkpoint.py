@@ -162,17 +162,10 @@ def generate_cosigner_key(name: str) -> tuple[str, str]:
     return note.generate_typed_key(name, note.ALG_COSIGNATURE_V1)
 
 
-class CosignatureVerifier:
+class CosignatureVerifier(note.PublicKey):
     """Verifies cosignature/v1 signatures of one witness key (vkey type 0x04)."""
 
     alg = note.ALG_COSIGNATURE_V1
-
-    def __init__(self, vkey: str):
-        self.name, self.key_id, self.public_key = note.parse_vkey(vkey, self.alg)
-
-    @property
-    def vkey(self) -> str:
-        return note.encode_vkey(self.name, self.alg, self.public_key)
 
     def verify(self, body: str, sig: bytes) -> int | None:
         """The timestamp when `sig` (the bytes after the key ID) cosigns the
@@ -186,15 +179,6 @@ class CosignatureVerifier:
         if not note.ed25519_verify(self.public_key, message, sig[TIMESTAMP_SIZE:]):
             return None
         return timestamp
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.vkey!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.vkey == self.vkey  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self.vkey)
 
 
 class Cosigner:

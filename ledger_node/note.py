@@ -165,8 +165,8 @@ def generate_typed_key(name: str, alg: int) -> tuple[str, str]:
 # --- signers and verifiers ------------------------------------------------
 
 
-class Verifier:
-    """Verifies Ed25519 (type 0x01) note signatures of one key."""
+class PublicKey:
+    """One verifier key (vkey) of type `alg`; equal when the vkeys are."""
 
     alg = ALG_ED25519
 
@@ -177,10 +177,6 @@ class Verifier:
     def vkey(self) -> str:
         return encode_vkey(self.name, self.alg, self.public_key)
 
-    def verify(self, text: str, sig: bytes) -> bool:
-        """True when `sig` (the bytes after the key ID) signs `text`."""
-        return ed25519_verify(self.public_key, text.encode(), sig)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.vkey!r})"
 
@@ -189,6 +185,14 @@ class Verifier:
 
     def __hash__(self) -> int:
         return hash(self.vkey)
+
+
+class Verifier(PublicKey):
+    """Verifies Ed25519 (type 0x01) note signatures of one key."""
+
+    def verify(self, text: str, sig: bytes) -> bool:
+        """True when `sig` (the bytes after the key ID) signs `text`."""
+        return ed25519_verify(self.public_key, text.encode(), sig)
 
 
 class Signer:
