@@ -31,8 +31,9 @@ _PUBLIC_KEY = re.compile(r"[0-9a-f]{64}\Z")
 
 
 def parse_devices(doc: Any) -> tuple[dict[str, bytes], list[str]]:
-    """Keys from a `{"devices": [{"dev_eui", "public_key"}, ...]}` document,
-    and one problem description per entry that was skipped."""
+    """Keys from a `{"devices": [{"dev_eui", "public_key", "status"}, ...]}`
+    document (revoked devices left out), and one problem description per
+    entry that was skipped."""
     if not isinstance(doc, dict) or not isinstance(doc.get("devices"), list):
         raise ValueError("device list must be an object with a 'devices' array")
     keys: dict[str, bytes] = {}
@@ -43,6 +44,11 @@ def parse_devices(doc: Any) -> tuple[dict[str, bytes], list[str]]:
             continue
         eui = entry.get("dev_eui")
         key = entry.get("public_key")
+        if entry.get("status", "active") != "active":
+            # A revoked device's readings are refused by the ledger; the
+            # gateway refuses them too (as unknown_device) instead of
+            # queueing what can never be delivered.
+            continue
         eui = eui.lower() if isinstance(eui, str) else eui
         key = key.lower() if isinstance(key, str) else key
         if not isinstance(eui, str) or not _DEV_EUI.match(eui):

@@ -50,7 +50,8 @@ def test_a_lossy_day_ends_with_every_reading_in_the_ledger(tmp_path, broker, sta
     public = meter.provision_key()
 
     with LedgerServer(tmp_path / "ledger.db") as ledger:
-        ledger.api.enroll({"dev_eui": DEV_EUI, "public_key": public.hex()})
+        ledger.api.enroll({"dev_eui": DEV_EUI, "public_key": public.hex(),
+                           "community": "lossy", "owner": "00" * 16})
         gw = Gateway("127.0.0.1", broker.port, f"http://127.0.0.1:{ledger.port}",
                      tmp_path / "gw", application_id=APP_ID,
                      command_keys=tmp_path / "keys.json",
