@@ -1,160 +1,204 @@
-"""Offline consistency check of a ledger database.
+"""Consistency check of a ledger database: `ledger-node check --db` and GET /v1/check.
 
-Trusts nothing in the file but the bundle bytes and the enrolled keys: every
-stored bundle is decoded again and its signature verified again; every
-reading must point at a bundle of its device that holds that seq with the
-same values; and each device's readings, in seq order, must have unique
-seqs, cumulative registers that never go backwards and a t_end that never
-goes backwards between readings with a synced clock (the same rules
-admission enforces). Served as GET /v1/check and `ledger-node check`.
+Runs the offline audit (ledger_node.verify.Auditor: every entry decodes, the
+registry replays by its rules, every device signature verifies with the key
+the registry held at that entry, each device's readings obey admission's
+order rules, the tree recomputed from the entries has every stored
+checkpoint's root) over the database's entries and checkpoints, and then
+checks what only the database has, all of which must be derivable from the
+entries:
+
+- the hash pages hold exactly the stored hashes recomputed from the entries
+  (merkle.Frontier.append, in the stored-hash layout), since proofs and the
+  checkpoint signer read the tree from them;
+- each checkpoint row's root column is the root in its signed note;
+- the registry table marks exactly the enroll, rotate and revoke entries
+  (the node replays only those at start);
+- the readings index holds every reading of the entries once, pointing at
+  the first entry that holds it, with that entry's values, and nothing else.
+
+The database does not know the log's verifier key, so checkpoint signatures
+are checked only when the caller passes it (`log_vkey`); roots and their
+consistency are checked either way.
 """
 
 from __future__ import annotations
 
-from meter import frame
+import os
 
-from . import signing
-from .store import Store, StoredBundle, StoredReading
+from . import checkpoint as ckpt
+from . import merkle, note
+from .store import HASH_SIZE, HASHES_PER_PAGE, PAGE_BYTES, Reader, Store
+from .verify import (CHECKPOINT_MALFORMED, CHECKPOINT_ROOT, MAX_PROBLEMS, Auditor,
+                     Problems)
 
-MAX_PROBLEMS = 1000  # listed in the report; all are counted
+HASH_PAGES = "hash_pages"
+REGISTRY_INDEX = "registry_index"
+INDEX_MISSING = "index_missing"
+INDEX_EXTRA = "index_extra"
+INDEX_MISMATCH = "index_mismatch"
 
-_COLUMNS = ("t_end", "import_dwh", "export_dwh", "flags")
-_REGISTERS = ("import_dwh", "export_dwh")
-
-
-class _Report:
-    def __init__(self, max_problems: int):
-        self.max_problems = max_problems
-        self.problems: list[dict] = []
-        self.total = 0
-
-    def add(self, kind: str, message: str, dev_eui: str | None = None,
-            entry_id: int | None = None, seq: int | None = None,
-            bundle_id: int | None = None) -> None:
-        self.total += 1
-        if len(self.problems) < self.max_problems:
-            self.problems.append({"kind": kind, "dev_eui": dev_eui, "entry_id": entry_id,
-                                  "seq": seq, "bundle_id": bundle_id, "message": message})
+_PAGES_PER_READ = 64
+_COLUMNS = ("t_end", "import_dwh", "export_dwh", "flags", "entry")
 
 
-def check_store(store: Store, max_problems: int = MAX_PROBLEMS) -> dict:
-    """The consistency report: {"ok", "bundles", "readings", "devices",
-    "problems", "problems_total"}; each problem has kind, dev_eui, entry_id,
-    seq, bundle_id, message."""
-    report = _Report(max_problems)
-    n_readings = n_bundles = 0
-    with store.snapshot() as snap:
-        devices = {d.dev_eui: d for d in snap.devices()}
-        for dev in snap.device_euis():
-            device = devices.get(dev)
-            key = None
-            if device is not None:
-                try:
-                    key = signing.import_public_key(device.public_key)
-                except ValueError as exc:
-                    report.add("bad_key", f"enrolled public key is unusable: {exc}", dev)
-            stored_ids: set[int] = set()
-            proven: dict[int, dict[int, frame.Reading]] = {}  # bundle_id -> seq -> reading
-            for b in snap.bundles(dev):
-                n_bundles += 1
-                stored_ids.add(b.bundle_id)
-                decoded = _check_bundle(b, device is not None, key, report)
-                if decoded is not None:
-                    proven[b.bundle_id] = {r.seq: r for r in decoded.readings}
-            checked: list[tuple[StoredReading, object]] = []
-            referenced: set[int] = set()
-            for row in snap.readings(dev):
-                n_readings += 1
-                referenced.add(row.bundle_id)
-                signed = _check_reading(row, proven, stored_ids, report)
-                # The order is judged on the signed values where the bundle
-                # proves them; an edited column is a column_mismatch above.
-                checked.append((row, signed if signed is not None else row))
-            _check_order(checked, report)
-            for bundle_id in sorted(stored_ids - referenced):
-                report.add("unreferenced_bundle", "no reading refers to this bundle", dev,
-                           bundle_id=bundle_id)
-    return {"ok": report.total == 0, "bundles": n_bundles, "readings": n_readings,
-            "devices": len(devices), "problems": report.problems,
-            "problems_total": report.total}
+def check_store(store: Store, max_problems: int = MAX_PROBLEMS, *,
+                log_vkey: str | None = None, workers: int | None = None) -> dict:
+    """The consistency report: {"ok", "entries", "readings", "devices",
+    "checkpoints", "problems_total", "problems": [{"kind", "entry",
+    "dev_eui", "seq", "message"}]} and the audit's other counts (see
+    ledger_node.verify.audit). Reads one snapshot, so the node may keep
+    appending meanwhile."""
+    with store.reader() as r:
+        problems = Problems(max_problems)
+        pages = _HashPages(r, problems)
+        a = Auditor(None, log_vkey, workers=workers if workers is not None else os.cpu_count(),
+                    problems=problems, on_hashes=pages.add)
+        try:
+            for stored in r.checkpoints():
+                a.checkpoint(_stored_note(r, stored, problems))
+            for idx, data in r.iter_entries():
+                a.entry(idx, data)
+            report = a.finish()
+        finally:
+            a.close()
+        pages.finish()
+        _check_registry_table(r, a, problems)
+        _check_index(r, a, problems)
+    report["ok"] = problems.total == 0
+    report["problems_total"] = problems.total
+    report["problems"] = problems.listed
+    return report
 
 
-def _check_bundle(b: StoredBundle, enrolled: bool, key, report: _Report):
-    where = dict(dev_eui=b.dev_eui, bundle_id=b.bundle_id)
+def _stored_note(r: Reader, stored, problems: Problems) -> str:
+    """The checkpoint note with its cosignatures, after checking the row's
+    root column against the note (the log's consistency guard trusts the
+    column)."""
+    at = stored.size - 1 if stored.size else None
     try:
-        bundle = frame.decode_bundle(b.data)
-    except frame.FrameError as exc:
-        report.add("undecodable", f"stored bundle does not decode: {exc.reason}: {exc.message}",
-                   **where)
-        return None
-    if (b.first_seq, b.last_seq) != (bundle.first_seq, bundle.last_seq):
-        report.add("column_mismatch", f"bundle columns say seq {b.first_seq}..{b.last_seq}, the "
-                                      f"bundle holds {bundle.first_seq}..{bundle.last_seq}",
-                   **where)
-    if not enrolled:
-        # Its readings are checked against it all the same; nothing can
-        # vouch for the bundle itself.
-        report.add("unknown_device", f"bundle of {b.dev_eui}, which is not enrolled", **where)
-        return bundle
-    if key is None:
-        return bundle  # bad_key, reported once for the device
+        cp = ckpt.Checkpoint.parse(note.split(stored.note)[0])
+    except (note.NoteError, ckpt.CheckpointError):
+        pass  # the audit reports the malformed note
+    else:
+        if cp.size != stored.size:
+            problems.add(CHECKPOINT_ROOT, f"the checkpoints row of size {stored.size} holds a "
+                                          f"note of size {cp.size}", at)
+        elif cp.root != stored.root:
+            problems.add(CHECKPOINT_ROOT, f"the checkpoints row of size {stored.size} has root "
+                                          f"{stored.root.hex()[:16]}..., its signed note "
+                                          f"{cp.root.hex()[:16]}...", at)
+    lines = [line for _, line in r.cosignatures(stored.size)]
+    if not lines:
+        return stored.note
     try:
-        dev_eui = bytes.fromhex(b.dev_eui)
-        ok = len(dev_eui) == frame.DEV_EUI_LEN and signing.verify_bundle(key, dev_eui, bundle)
-    except ValueError:
-        ok = False
-    if not ok:
-        report.add("bad_signature", "signature does not verify with the enrolled key", **where)
-        return None  # its readings are proven by nothing
-    return bundle
+        return ckpt.add_cosignatures(stored.note, lines)
+    except ckpt.CheckpointError as exc:
+        problems.add(CHECKPOINT_MALFORMED, f"cosignatures of the checkpoint of size "
+                                           f"{stored.size}: {exc}", at)
+        return stored.note
 
 
-def _check_reading(row: StoredReading, proven: dict, stored_ids: set,
-                   report: _Report) -> frame.Reading | None:
-    """The signed reading that proves this row, or None (problem reported,
-    or the bundle's own problem already was)."""
-    where = dict(dev_eui=row.dev_eui, entry_id=row.entry_id, seq=row.seq,
-                 bundle_id=row.bundle_id)
-    if row.bundle_id not in stored_ids:
-        report.add("missing_bundle", f"bundle {row.bundle_id} of this reading is not stored "
-                                     "for its device", **where)
-        return None
-    readings = proven.get(row.bundle_id)
-    if readings is None:
-        return None
-    signed = readings.get(row.seq)
-    if signed is None:
-        report.add("not_in_bundle", f"bundle {row.bundle_id} holds seq "
-                                    f"{min(readings)}..{max(readings)}, not {row.seq}", **where)
-        return None
-    differ = [c for c in _COLUMNS if getattr(row, c) != getattr(signed, c)]
-    if differ:
-        report.add("column_mismatch", "stored columns differ from the bundle: " + ", ".join(
-            f"{c}={getattr(row, c)} but bundle has {getattr(signed, c)}" for c in differ),
-            **where)
-    return signed
+class _HashPages:
+    """Compares the stored hashes the entries make (fed in order by the
+    audit) with the hash pages, one page at a time."""
+
+    def __init__(self, r: Reader, problems: Problems):
+        self.r = r
+        self.problems = problems
+        self.buf = bytearray()
+        self.page = 0
+        self.cache: dict[int, bytes] = {}
+
+    def add(self, hashes: list[bytes]) -> None:
+        self.buf += b"".join(hashes)
+        if len(self.buf) >= PAGE_BYTES:
+            want = bytes(self.buf[:PAGE_BYTES])
+            del self.buf[:PAGE_BYTES]
+            self._compare(want)
+            self.page += 1
+
+    def _stored(self, page: int) -> bytes | None:
+        if page not in self.cache:
+            self.cache = self.r.hash_pages(list(range(page, page + _PAGES_PER_READ)))
+            self.cache.setdefault(page, None)
+        return self.cache[page]
+
+    def _compare(self, want: bytes) -> None:
+        page = self.page
+        got = self._stored(page)
+        if got == want:
+            return
+        first = page * HASHES_PER_PAGE
+        if got is None:
+            self.problems.add(HASH_PAGES, f"hash page {page} (stored hashes {first}.."
+                                          f"{first + len(want) // HASH_SIZE - 1}) is missing",
+                              _entry_of(first))
+            return
+        for i in range(0, min(len(got), len(want)), HASH_SIZE):
+            if got[i:i + HASH_SIZE] != want[i:i + HASH_SIZE]:
+                k = first + i // HASH_SIZE
+                level, n = merkle.split_stored_hash_index(k)
+                lo, hi = n << level, ((n + 1) << level) - 1
+                self.problems.add(HASH_PAGES, f"hash page {page}: stored hash {k} (level "
+                                              f"{level}, over entries {lo}..{hi}) is not the "
+                                              "hash recomputed from the entries", hi)
+                return
+        self.problems.add(HASH_PAGES, f"hash page {page} holds {len(got) // HASH_SIZE} hashes"
+                                      f"{' and a partial one' if len(got) % HASH_SIZE else ''}, "
+                                      f"the entries make {len(want) // HASH_SIZE}",
+                          _entry_of(first + min(len(got), len(want)) // HASH_SIZE))
+
+    def finish(self) -> None:
+        # The last page holds exactly the hashes made so far (the log
+        # rewrites it whole at each commit); no page follows it.
+        if self.buf:
+            self._compare(bytes(self.buf))
+            self.page += 1
+        extra = self.r.hash_pages([self.page])
+        if extra:
+            self.problems.add(HASH_PAGES, f"hash page {self.page} is stored, but the entries "
+                                          f"fill only {self.page} page(s)")
 
 
-def _check_order(rows: list[tuple[StoredReading, object]], report: _Report) -> None:
-    """rows: (stored row, its values) in seq order."""
-    prev_row, prev = None, None
-    synced_row, synced = None, None
-    for row, values in rows:
-        where = dict(dev_eui=row.dev_eui, entry_id=row.entry_id, seq=row.seq,
-                     bundle_id=row.bundle_id)
-        if prev is not None:
-            if row.seq == prev_row.seq:
-                report.add("duplicate_seq", f"seq {row.seq} is stored twice (entries "
-                                            f"{prev_row.entry_id} and {row.entry_id})", **where)
-            for name in _REGISTERS:
-                if getattr(values, name) < getattr(prev, name):
-                    report.add("registers_backwards",
-                               f"{name} {getattr(values, name)} is below {getattr(prev, name)} "
-                               f"at seq {prev_row.seq} (entry {prev_row.entry_id})", **where)
-        if not values.flags & frame.FLAG_CLOCK_UNSYNCED:
-            if synced is not None and values.t_end < synced.t_end:
-                report.add("time_backwards", f"t_end {values.t_end} is before {synced.t_end} "
-                                             f"at seq {synced_row.seq} (entry "
-                                             f"{synced_row.entry_id})", **where)
-            synced_row, synced = row, values
-        prev_row, prev = row, values
+def _entry_of(stored_index: int) -> int:
+    """The entry whose append wrote a stored hash."""
+    level, n = merkle.split_stored_hash_index(stored_index)
+    return ((n + 1) << level) - 1
+
+
+def _check_registry_table(r: Reader, a: Auditor, problems: Problems) -> None:
+    marked = [idx for idx, _ in r.registry_entries()]
+    logged = a.registry_entries
+    for idx in sorted(set(logged) - set(marked)):
+        problems.add(REGISTRY_INDEX, f"entry {idx} is a registry change the registry table does "
+                                     "not mark: the node would not replay it at start", idx)
+    for idx in sorted(set(marked) - set(logged)):
+        problems.add(REGISTRY_INDEX, f"the registry table marks entry {idx}, which is not an "
+                                     "enroll, rotate or revoke", idx)
+
+
+def _check_index(r: Reader, a: Auditor, problems: Problems) -> None:
+    """Merge the readings of the entries with the readings index, both in
+    (dev_eui, seq) order."""
+    logged = a.sorted_readings()
+    indexed = ((dev, x.seq, x.t_end, x.import_dwh, x.export_dwh, x.flags, x.entry)
+               for dev, x in r.iter_index())
+    want, got = next(logged, None), next(indexed, None)
+    while want is not None or got is not None:
+        if got is None or (want is not None and want[:2] < got[:2]):
+            problems.add(INDEX_MISSING, f"seq {want[1]} of entry {want[6]} is not in the "
+                                        "readings index", want[6], want[0], want[1])
+            want = next(logged, None)
+        elif want is None or got[:2] < want[:2]:
+            problems.add(INDEX_EXTRA, f"the readings index has seq {got[1]} (entry {got[6]}), "
+                                      "which no entry of the device holds", got[6], got[0],
+                         got[1])
+            got = next(indexed, None)
+        else:
+            if want != got:
+                differ = ", ".join(f"{name} {g} but the entries give {w}" for name, g, w
+                                   in zip(_COLUMNS, got[2:], want[2:]) if g != w)
+                problems.add(INDEX_MISMATCH, f"readings index row of seq {want[1]}: {differ}",
+                             want[6], want[0], want[1])
+            want, got = next(logged, None), next(indexed, None)
