@@ -13,6 +13,7 @@ drive this class, so they exercise exactly the same path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ from meter import frame
 from tools import runtime, traces
 
 APPLICATION_ID = "5b0f7a53-3c55-4c2e-9a3e-6d1f0e6c0a01"
+LOG_ORIGIN = "ledger.demo.invalid/community"
 LEDGER_TOKEN = "demo-writer-token"
 RTC_EPOCH = 1767225600  # the simulated boards' RTC at boot: 2026-01-01T00:00:00Z
 
@@ -109,6 +111,19 @@ class Deployment:
         self.procs[name] = subprocess.Popen([sys.executable, *args], stdout=log,
                                             stderr=subprocess.STDOUT, cwd=runtime.REPO)
 
+    def _key(self, filename: str, name: str, *, witness: bool) -> str:
+        """Write a new note signing key (mode 0600) into the workdir; its vkey."""
+        from ledger_node import checkpoint, note
+
+        skey, vkey = (checkpoint.generate_cosigner_key(name) if witness
+                      else note.generate_key(name))
+        path = self.workdir / filename
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(skey + "\n")
+        return vkey
+
     def trace_path(self, m: MeterSpec) -> Path:
         v = "-v" if m.voltage else ""
         return self.workdir / "traces" / f"{m.kind}{v}-{m.seed}-{self.trace_s:g}s.csv"
@@ -127,12 +142,30 @@ class Deployment:
         self.broker = runtime.Broker().start()
         self._observe_network()
 
+        # The ledger's log key and two independent witnesses that cosign its
+        # checkpoints; the policy is what an auditor trusts (2 of 2).
+        self.log_key = self._key("ledger.key", LOG_ORIGIN, witness=False)
+        self.witness_keys = [self._key(f"witness-{w}.key", f"witness-{w}.demo.invalid",
+                                       witness=True) for w in ("a", "b")]
+        self.policy_path = self.workdir / "policy.toml"
+        self.policy_path.write_text(
+            f'log = "{self.log_key}"\nquorum = 2\nwitnesses = [\n'
+            + "".join(f'  "{vkey}",\n' for vkey in self.witness_keys) + "]\n")
         ledger_port = runtime.free_port()
         self._spawn("ledger", ["-m", "ledger_node.cli", "serve", "--db",
-                               str(self.workdir / "ledger.sqlite"), "--listen",
-                               f"127.0.0.1:{ledger_port}", "--token", LEDGER_TOKEN])
+                               str(self.workdir / "ledger.sqlite"), "--key",
+                               str(self.workdir / "ledger.key"), "--listen",
+                               f"127.0.0.1:{ledger_port}", "--token", LEDGER_TOKEN,
+                               *[a for vkey in self.witness_keys for a in ("--witness", vkey)]])
         self.ledger_url = f"http://127.0.0.1:{ledger_port}"
         runtime.wait_for_port(ledger_port)
+        for w in ("a", "b"):
+            self._spawn(f"witness-{w}", ["-m", "ledger_node.cli", "witness", "--log",
+                                         self.ledger_url, "--key",
+                                         str(self.workdir / f"witness-{w}.key"), "--log-key",
+                                         self.log_key, "--state",
+                                         str(self.workdir / f"witness-{w}.json"),
+                                         "--interval", "0.5"])
 
         # Provisioning, as a technician does it: first boot creates the key on
         # the meter, its public half is enrolled in the ledger's registry; the
@@ -147,7 +180,10 @@ class Deployment:
             pub = sm.provision_key()
             _http_json(f"{self.ledger_url}/v1/devices",
                        {"dev_eui": m.dev_eui, "public_key": pub.hex(), "board": m.board,
-                        "meter_model": "SCT013-000"}, token=LEDGER_TOKEN)
+                        "meter_model": "SCT013-000", "community": "demo",
+                        # A pseudonym, never a name: the log keeps it forever.
+                        "owner": hashlib.sha256(b"demo-owner:" + m.dev_eui.encode()).hexdigest()},
+                       token=LEDGER_TOKEN)
 
         modem_port = runtime.free_port()
         self._spawn("modem-sim", ["-m", "hardware.sim.modem_sim", "--listen",
@@ -283,7 +319,14 @@ class Deployment:
         return _http_json(f"{self.ledger_url}/v1/stats")
 
     def ledger_check(self) -> dict:
-        return _http_json(f"{self.ledger_url}/v1/check", timeout=60)
+        return _http_json(f"{self.ledger_url}/v1/check", timeout=60, token=LEDGER_TOKEN)
+
+    def ledger_checkpoint(self) -> str:
+        with urllib.request.urlopen(f"{self.ledger_url}/v1/checkpoint", timeout=10) as r:
+            return r.read().decode()
+
+    def ledger_proof_bundle(self, dev_eui: str, seq: int) -> dict:
+        return _http_json(f"{self.ledger_url}/v1/proof-bundle?dev_eui={dev_eui}&seq={seq}")
 
     def ledger_readings(self, dev_eui: str) -> list[dict]:
         return _http_json(f"{self.ledger_url}/v1/readings?dev_eui={dev_eui}&limit=10000")["readings"]
@@ -322,7 +365,7 @@ class Deployment:
 
     def stop(self) -> None:
         self.stop_meters()
-        for name in ("gateway", "modem-sim", "ledger"):
+        for name in ("gateway", "modem-sim", "witness-a", "witness-b", "ledger"):
             p = self.procs.pop(name, None)
             if p is not None:
                 runtime.stop_process(p)
