@@ -21,6 +21,8 @@ Keys:
   radio.airtime_s_day_sf12       the same at DR0 (SF12, 51-byte frames: fragments)
   firmware.sign_ms               one Ed25519 signature of a bundle, unix-port MicroPython
   gateway.*                      the gateway daemon through a real Mosquitto (tools/gateway_bench.py)
+  ledger.*                       the ledger node: ingest, append latency, proofs, audit and
+                                 bytes on disk at 10^6 readings (tools/ledger_bench.py)
 
 Tests assert behaviour; the numbers live here.
 """
@@ -166,12 +168,12 @@ def write(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["size", "hour", "e2e", "accuracy", "radio", "gateway"],
+    p.add_argument("--only", choices=["size", "hour", "e2e", "accuracy", "radio", "gateway", "ledger"],
                    action="append")
     p.add_argument("--e2e-meters", type=int, default=50)
     p.add_argument("--e2e-seconds", type=float, default=60.0)
     args = p.parse_args(argv)
-    want = set(args.only or ["size", "hour", "e2e", "accuracy", "radio", "gateway"])
+    want = set(args.only or ["size", "hour", "e2e", "accuracy", "radio", "gateway", "ledger"])
     path = BENCH_DIR / "results.json"
     results = json.loads(path.read_text()) if path.exists() and args.only else {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         if "gateway" in want:
             from tools import gateway_bench
             results.update(gateway_bench.run(tmpd))
+        if "ledger" in want:
+            from tools import ledger_bench
+            results.update(ledger_bench.run(tmpd))
         if "accuracy" in want:
             from tools import accuracy
             results.update(accuracy.run())
